@@ -1,0 +1,208 @@
+//! Messages between sidecars and the control plane.
+//!
+//! - `POST /v1/identity/csr` — a CSR plus proof of identity (bootstrap token in local mode,
+//!   ServiceAccount token in Kubernetes, or the current SVID for renewal) → an X.509-SVID.
+//! - `GET /v1/bundles/watch` — mTLS; the agent is the one named by the client certificate. A
+//!   stream of [`crate::bundle::Bundle`]s as JSON lines: the current one at once, then each new
+//!   version as it is published.
+//! - `POST /v1/bundles/ack` — mTLS; a [`BundleAck`].
+//! - `GET /v1/status` — what each agent's sidecars enforce, and policy diagnostics.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spiffe::AgentKey;
+
+/// Path of the CSR endpoint.
+pub const CSR_PATH: &str = "/v1/identity/csr";
+/// Path of the bundle stream.
+pub const WATCH_PATH: &str = "/v1/bundles/watch";
+/// Path of bundle acknowledgements.
+pub const ACK_PATH: &str = "/v1/bundles/ack";
+/// Path of the status report.
+pub const STATUS_PATH: &str = "/v1/status";
+/// Header naming one sidecar instance (e.g. its pod or process), sent on the bundle stream and
+/// on acks so the control plane can tell the sidecars of one agent apart.
+pub const SIDECAR_HEADER: &str = "ringfence-sidecar";
+
+/// A request for an X.509-SVID.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CsrRequest {
+    /// The agent the sidecar speaks for.
+    pub agent: AgentKey,
+    /// A PKCS#10 CSR in PEM. Its key never leaves the sidecar.
+    pub csr: String,
+}
+
+/// An issued X.509-SVID.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CsrResponse {
+    pub spiffe_id: String,
+    /// The SVID, leaf first, in PEM.
+    pub certificate_chain: String,
+    /// The trust domain's CA certificates in PEM.
+    pub trust_bundle: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// A sidecar's answer to a bundle version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleAck {
+    pub version: u64,
+    pub hash: String,
+    /// `None` when the sidecar enforces the version; otherwise why it rejected it (and it keeps
+    /// enforcing the version it had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+}
+
+/// The error body of every control-plane endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Budget service: lease a slice of a run's remaining budget (mTLS; the agent is the client
+/// certificate's). The first lease of a run opens it with the leasing sidecar's terms.
+pub const LEASE_PATH: &str = "/v1/budget/leases";
+/// Budget service: give back what a lease did not spend.
+pub const RELEASE_PATH: &str = "/v1/budget/leases/release";
+/// Budget service: report actual spend, batched, idempotent by event id.
+pub const SPEND_PATH: &str = "/v1/budget/spend";
+/// Budget service: a stream of [`HaltEvent`]s as JSON lines, `?since=<seq>` to resume.
+pub const HALTS_PATH: &str = "/v1/budget/halts";
+/// Budget service: spend grouped `?by=team|environment|workflow|agent|model` (`&sinceMs=`).
+pub const SPEND_BY_PATH: &str = "/v1/spend";
+/// Budget service: recent runs (`GET`), and one run at `/v1/runs/<id>`.
+pub const RUNS_PATH: &str = "/v1/runs";
+
+/// The limits a run is held to, as the sidecar that opens it knows them from its bundle.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RunTerms {
+    /// The agent that started the run.
+    pub root: String,
+    /// The human principal, empty when none.
+    #[serde(default)]
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_total_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_micros: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub on_breach: crate::budget::OnBreach,
+    /// The RunBudgets these terms come from (`<namespace>/<name>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<String>,
+    /// Where an alert about this run goes when it breaches its budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_webhook: Option<String>,
+}
+
+/// A request for a slice of a run's remaining budget.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRequest {
+    pub run: String,
+    pub terms: RunTerms,
+    pub tokens: u64,
+    pub micros: u64,
+}
+
+/// The answer to a [`LeaseRequest`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum LeaseResponse {
+    /// Spend up to this much, then report it.
+    #[serde(rename_all = "camelCase")]
+    Granted {
+        lease_id: String,
+        tokens: u64,
+        micros: u64,
+    },
+    /// The run's budget is spent (or promised to outstanding leases).
+    #[serde(rename_all = "camelCase")]
+    Exhausted {
+        limit: String,
+        spent: u64,
+        limit_value: u64,
+    },
+    /// The run was halted.
+    Halted { reason: String },
+    /// The run is over.
+    Completed,
+}
+
+/// What a sidecar returns of a lease.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseRequest {
+    pub lease_id: String,
+    pub tokens: u64,
+    pub micros: u64,
+}
+
+/// One unit of spend: a call made, its tokens and cost.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendEvent {
+    /// Unique per event; a re-sent event is counted once.
+    pub event_id: String,
+    pub run: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
+    #[serde(default)]
+    pub tokens_in: u64,
+    #[serde(default)]
+    pub tokens_out: u64,
+    #[serde(default)]
+    pub micros: u64,
+    #[serde(default)]
+    pub calls: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The usage was estimated (the response carried none that could be read).
+    #[serde(default)]
+    pub estimated: bool,
+    pub at_ms: u64,
+    /// The spending agent's team and environment, and the RunBudget (`<namespace>/<name>`) it
+    /// spends under: for attribution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+}
+
+/// A batch of spend.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SpendReport {
+    pub events: Vec<SpendEvent>,
+}
+
+/// The budget service's answer to a [`SpendReport`]: durable once sent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendAck {
+    pub accepted: usize,
+    pub duplicates: usize,
+    /// Runs this report halted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub halted: Vec<String>,
+}
+
+/// A run halted: every sidecar refuses its next call.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HaltEvent {
+    pub seq: u64,
+    pub run: String,
+    pub reason: String,
+    pub at_ms: u64,
+}

@@ -1,0 +1,5 @@
+//! The `ringfence` subcommands.
+
+pub mod check;
+pub mod local;
+pub mod spawn;

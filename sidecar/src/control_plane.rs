@@ -1,0 +1,367 @@
+//! The HTTPS client the sidecar speaks to the control plane with.
+//!
+//! Ordinary server-name TLS: the control plane's certificate must chain to the trust-domain CA
+//! given with `--ca-file` (the only root) and name the host of `--control-plane`. The client
+//! certificate is the sidecar's current SVID, read at each handshake from the
+//! [`CredentialResolver`], so renewals and the bundle stream use the newest one. Before the first
+//! SVID there is none and the control plane sees an anonymous client (the CSR then carries the
+//! bootstrap token).
+//!
+//! One connection per request (HTTP/1.1): a CSR or an ack is rare, and the bundle stream holds
+//! its own connection for as long as it lasts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use ringfence_crds::api::{
+    ACK_PATH, BundleAck, CSR_PATH, CsrRequest, CsrResponse, ErrorBody, HALTS_PATH, LEASE_PATH,
+    LeaseRequest, LeaseResponse, RELEASE_PATH, ReleaseRequest, SIDECAR_HEADER, SPEND_PATH,
+    SpendAck, SpendReport, WATCH_PATH,
+};
+use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::identity::{CertificateAuthority, CredentialResolver, IdentityError};
+
+/// Largest answer to a CSR or ack we read.
+const MAX_RESPONSE: usize = 1 << 20;
+
+/// What went wrong talking to the control plane, with what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    #[error("--control-plane {0:?} is not an https://host:port URL")]
+    Url(String),
+    #[error("--ca-file holds no usable CA certificate: {0}")]
+    Ca(String),
+    #[error("cannot build the TLS client: {0}")]
+    Tls(String),
+    #[error(
+        "cannot connect to the control plane at {addr}: {source}; is it running and reachable?"
+    )]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "TLS handshake with the control plane at {addr} failed: {source}; check that its certificate is signed by --ca-file and names that host"
+    )]
+    Handshake {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP exchange with the control plane failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the control plane did not answer {path} within {after:?}")]
+    Timeout { path: &'static str, after: Duration },
+    #[error("the control plane answered {path} with {status}: {message}")]
+    Status {
+        path: &'static str,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("the control plane's answer to {path} is unreadable: {message}")]
+    Body { path: &'static str, message: String },
+}
+
+/// A control plane at one URL.
+#[derive(Clone)]
+pub struct ControlPlane {
+    addr: String,
+    authority: String,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    timeout: Duration,
+    instance: String,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl ControlPlane {
+    /// `url` is `https://host[:port]`; `ca_pem` the trust domain's CA certificates; `instance`
+    /// names this sidecar among its agent's others (sent as the `ringfence-sidecar` header).
+    pub fn new(
+        url: &str,
+        ca_pem: &[u8],
+        client_cert: Arc<CredentialResolver>,
+        timeout: Duration,
+        instance: &str,
+    ) -> Result<Self, ControlPlaneError> {
+        let bad_url = || ControlPlaneError::Url(url.to_owned());
+        let uri: Uri = url.parse().map_err(|_| bad_url())?;
+        if uri.scheme_str() != Some("https")
+            || uri.path_and_query().is_some_and(|p| p.as_str() != "/")
+        {
+            return Err(bad_url());
+        }
+        let authority = uri.authority().ok_or_else(bad_url)?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(443);
+        let server_name = ServerName::try_from(host.to_owned()).map_err(|_| bad_url())?;
+
+        let mut roots = RootCertStore::empty();
+        let mut found = 0usize;
+        for cert in CertificateDer::pem_slice_iter(ca_pem) {
+            let cert = cert.map_err(|e| ControlPlaneError::Ca(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| ControlPlaneError::Ca(e.to_string()))?;
+            found += 1;
+        }
+        if found == 0 {
+            return Err(ControlPlaneError::Ca("no PEM CERTIFICATE block".to_owned()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ControlPlaneError::Tls(e.to_string()))?
+            .with_webpki_verifier(verifier)
+            .with_client_cert_resolver(client_cert);
+        // A resumed session keeps the client identity of the session it resumes: the anonymous
+        // one from before the first SVID, or an SVID since replaced. Every connection must
+        // present the current SVID, so no resumption (connections here are rare anyway).
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Self {
+            addr: format!("{}:{port}", authority.host()),
+            authority: authority.as_str().to_owned(),
+            server_name,
+            connector: TlsConnector::from(Arc::new(config)),
+            timeout,
+            instance: instance.to_owned(),
+        })
+    }
+
+    /// Where the control plane is, for logs.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ControlPlaneError> {
+        let tcp =
+            TcpStream::connect(&self.addr)
+                .await
+                .map_err(|source| ControlPlaneError::Connect {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|source| ControlPlaneError::Handshake {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "control-plane connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends one request and returns the response head once it is a success.
+    async fn send(
+        &self,
+        path: &'static str,
+        method: Method,
+        body: Option<Vec<u8>>,
+        bearer: Option<&str>,
+    ) -> Result<Response<Incoming>, ControlPlaneError> {
+        self.send_to(path, path, method, body, bearer).await
+    }
+
+    /// Like `send`, to `uri` (a path with a query); `path` names it in errors.
+    async fn send_to(
+        &self,
+        path: &'static str,
+        uri: &str,
+        method: Method,
+        body: Option<Vec<u8>>,
+        bearer: Option<&str>,
+    ) -> Result<Response<Incoming>, ControlPlaneError> {
+        let exchange = async {
+            let mut sender = self.connect().await?;
+            let mut builder = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(header::HOST, &self.authority)
+                .header(SIDECAR_HEADER, &self.instance)
+                .header(
+                    header::USER_AGENT,
+                    concat!("ringfence-sidecar/", env!("CARGO_PKG_VERSION")),
+                );
+            if body.is_some() {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+            }
+            if let Some(token) = bearer {
+                builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let request = builder
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| ControlPlaneError::Body {
+                    path,
+                    message: e.to_string(),
+                })?;
+            Ok::<_, ControlPlaneError>(sender.send_request(request).await?)
+        };
+        let response = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ControlPlaneError::Timeout {
+                path,
+                after: self.timeout,
+            })??;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let message = match self.read_body(path, response).await {
+            Ok(bytes) => match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => body.error,
+                Err(_) => String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+            },
+            Err(e) => e.to_string(),
+        };
+        Err(ControlPlaneError::Status {
+            path,
+            status,
+            message,
+        })
+    }
+
+    async fn read_body(
+        &self,
+        path: &'static str,
+        response: Response<Incoming>,
+    ) -> Result<Bytes, ControlPlaneError> {
+        let body = Limited::new(response.into_body(), MAX_RESPONSE);
+        let collected = tokio::time::timeout(self.timeout, body.collect())
+            .await
+            .map_err(|_| ControlPlaneError::Timeout {
+                path,
+                after: self.timeout,
+            })?
+            .map_err(|e| ControlPlaneError::Body {
+                path,
+                message: e.to_string(),
+            })?;
+        Ok(collected.to_bytes())
+    }
+
+    async fn post_json<T: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &'static str,
+        body: &T,
+        bearer: Option<&str>,
+    ) -> Result<R, ControlPlaneError> {
+        let body = serde_json::to_vec(body).map_err(|e| ControlPlaneError::Body {
+            path,
+            message: e.to_string(),
+        })?;
+        let response = self.send(path, Method::POST, Some(body), bearer).await?;
+        let bytes = self.read_body(path, response).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            // An ack may be answered with an empty body; decode it as JSON null.
+            return serde_json::from_slice(b"null").map_err(|e| ControlPlaneError::Body {
+                path,
+                message: e.to_string(),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ControlPlaneError::Body {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// `POST /v1/identity/csr`.
+    pub async fn request_svid(
+        &self,
+        request: &CsrRequest,
+        token: Option<&str>,
+    ) -> Result<CsrResponse, ControlPlaneError> {
+        self.post_json(CSR_PATH, request, token).await
+    }
+
+    /// `POST /v1/bundles/ack`.
+    pub async fn ack(&self, ack: &BundleAck) -> Result<(), ControlPlaneError> {
+        self.post_json::<_, serde_json::Value>(ACK_PATH, ack, None)
+            .await
+            .map(drop)
+    }
+
+    /// `GET /v1/bundles/watch`: the body is the never-ending stream of JSON lines. Only the
+    /// response head is bounded by the timeout.
+    pub async fn watch(&self) -> Result<Incoming, ControlPlaneError> {
+        let response = self.send(WATCH_PATH, Method::GET, None, None).await?;
+        Ok(response.into_body())
+    }
+}
+
+/// The budget service's side of the same client (it may be the control plane itself, or a
+/// separate `ringfence budget` at its own URL).
+impl ControlPlane {
+    /// `POST /v1/budget/leases`.
+    pub async fn lease(&self, request: &LeaseRequest) -> Result<LeaseResponse, ControlPlaneError> {
+        self.post_json(LEASE_PATH, request, None).await
+    }
+
+    /// `POST /v1/budget/leases/release`.
+    pub async fn release(&self, request: &ReleaseRequest) -> Result<(), ControlPlaneError> {
+        self.post_json::<_, serde_json::Value>(RELEASE_PATH, request, None)
+            .await
+            .map(drop)
+    }
+
+    /// `POST /v1/budget/spend`: `Ok` only once the spend is durable.
+    pub async fn report(&self, report: &SpendReport) -> Result<SpendAck, ControlPlaneError> {
+        self.post_json(SPEND_PATH, report, None).await
+    }
+
+    /// `GET /v1/budget/halts?since=<seq>`: the never-ending stream of halts as JSON lines.
+    pub async fn halts(&self, since: u64) -> Result<Incoming, ControlPlaneError> {
+        let uri = format!("{HALTS_PATH}?since={since}");
+        let response = self
+            .send_to(HALTS_PATH, &uri, Method::GET, None, None)
+            .await?;
+        Ok(response.into_body())
+    }
+}
+
+impl CertificateAuthority for ControlPlane {
+    async fn sign(
+        &self,
+        request: &CsrRequest,
+        token: Option<&str>,
+    ) -> Result<CsrResponse, IdentityError> {
+        self.request_svid(request, token)
+            .await
+            .map_err(|e| IdentityError::ControlPlane(e.to_string()))
+    }
+}

@@ -1,0 +1,376 @@
+//! The model path: this agent calling an LLM at `/models/<provider>/…`.
+//!
+//! Read top to bottom: find the provider → read the request (API, model, stream, output cap)
+//! → decide with Cedar (`call_model`) → reserve an estimate from the run's lease (402 when the
+//! budget is spent or the run halted) → forward with the provider's API key, which the agent
+//! never holds (OpenAI streams get `stream_options.include_usage`) → read the usage from the
+//! answer, streamed or not → settle: the unspent reservation goes back to the lease and the
+//! actual spend is reported.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, Uri, header};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
+use ringfence_crds::agent::{ModelApi, ModelProvider};
+use ringfence_crds::api::{RunTerms, SpendEvent};
+
+use crate::authz::{Action, CallContext, CallRequest, Resource};
+use crate::bundle::Snapshot;
+use crate::context::RunContext;
+use crate::deny::{Denial, Kind};
+use crate::forward::{Body, BoxError, full};
+use crate::pricing::Pricing;
+use crate::protocol::llm::{self, Api, Usage, UsageStream};
+use crate::proxy::{Proxy, egress_request, now_ms, strip_hop_headers};
+use crate::spend::{Refusal, Reservation, Spend};
+
+/// Output tokens reserved when a request sets no cap.
+pub const DEFAULT_OUTPUT_RESERVATION: u64 = 4096;
+/// Largest non-streaming answer read for its usage.
+const MAX_ANSWER: usize = 32 * 1024 * 1024;
+
+#[allow(clippy::too_many_arguments)]
+pub async fn call_model(
+    p: &Proxy,
+    snap: &Snapshot,
+    ctx: RunContext,
+    taint: Vec<String>,
+    provider_name: &str,
+    rest: &str,
+    parts: http::request::Parts,
+    body: Bytes,
+    timeout: std::time::Duration,
+) -> Result<Response<Body>, Denial> {
+    let content = &snap.bundle.content;
+    let me = content.agent.name.as_str();
+    let edge = format!("model:{provider_name}");
+    let run = ctx.run.clone();
+    let provider: &ModelProvider = content
+        .model_providers
+        .iter()
+        .find(|m| m.name == provider_name)
+        .ok_or_else(|| {
+            Denial::new(
+                Kind::BadRequest,
+                format!("{me} has no model provider named {provider_name:?}: add it to spec.models of Agent {me}"),
+            )
+            .edge(me, &edge)
+            .run(&run)
+        })?;
+    let api = Api::from_path(rest).ok_or_else(|| {
+        Denial::new(
+            Kind::BadRequest,
+            format!("{rest} is not a metered LLM endpoint: call /v1/chat/completions, /v1/responses or /v1/messages"),
+        )
+        .edge(me, &edge)
+        .run(&run)
+    })?;
+    let request = llm::inspect_request(api, &body).map_err(|e| {
+        Denial::new(Kind::BadRequest, e.to_string())
+            .edge(me, &edge)
+            .run(&run)
+    })?;
+    let model = request.model.as_deref().map(str::to_owned).ok_or_else(|| {
+        Denial::new(Kind::BadRequest, "the request names no model")
+            .edge(me, &edge)
+            .run(&run)
+    })?;
+    let edge = format!("model:{provider_name}/{model}");
+
+    let decision_ctx = CallContext::of(&ctx, taint, ctx.depth, 0);
+    let d = snap.authorizer.decide(&CallRequest {
+        principal: me,
+        action: Action::CallModel,
+        resource: Resource::Model {
+            provider: provider_name,
+            model: &model,
+        },
+        context: &decision_ctx,
+    });
+    if !d.allowed {
+        return Err(Denial::policy(
+            &d,
+            &format!("{me} may not call {provider_name}/{model}"),
+            me,
+            &edge,
+            &run,
+        ));
+    }
+
+    // Reserve before the call; settle after.
+    let estimate = request.estimate();
+    let reserve_usage = Usage {
+        input_tokens: estimate.input_tokens,
+        output_tokens: estimate
+            .max_output_tokens
+            .unwrap_or(DEFAULT_OUTPUT_RESERVATION),
+        ..Usage::default()
+    };
+    let limits = &content.limits;
+    let metered = limits.max_total_tokens.is_some() || limits.max_cost_usd.is_some();
+    let reservation = if metered {
+        let terms = RunTerms {
+            root: ctx.path.first().cloned().unwrap_or_default(),
+            user: ctx.user.clone(),
+            max_total_tokens: limits.max_total_tokens,
+            max_cost_micros: limits.max_cost_usd.map(|u| u.micros),
+            deadline_ms: ctx.deadline_ms,
+            on_breach: limits.on_breach,
+            budgets: limits.budgets.clone(),
+            alert_webhook: limits.alert_webhook.clone(),
+        };
+        // Reserve only what the run limits: a lease holds nothing of an unlimited dimension.
+        let tokens = if terms.max_total_tokens.is_some() {
+            reserve_usage.total_tokens()
+        } else {
+            0
+        };
+        let micros = if terms.max_cost_micros.is_some() {
+            p.pricing
+                .cost(&model, &reserve_usage)
+                .map_or(0, |u| u.micros)
+        } else {
+            0
+        };
+        Some(
+            p.spend
+                .reserve(&run, &terms, tokens, micros, limits.fail_open)
+                .await
+                .map_err(|r| refusal(r, me, &edge, &run))?,
+        )
+    } else {
+        None
+    };
+
+    let rewritten = request
+        .with_stream_usage(&body)
+        .map_err(|e| {
+            Denial::new(Kind::BadRequest, e.to_string())
+                .edge(me, &edge)
+                .run(&run)
+        })?
+        .into_owned();
+    let url = format!("{}{rest}", provider.url.trim_end_matches('/'));
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| Denial::new(Kind::BadRequest, format!("{url} is not a valid URL")))?;
+    let mut headers = parts.headers;
+    headers.remove(header::CONTENT_LENGTH);
+    // Usage is read from the answer as it passes, so it must come uncompressed.
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    // The key is the sidecar's: whatever the agent sent is replaced.
+    headers.remove(header::AUTHORIZATION);
+    headers.remove("x-api-key");
+    if let Some(var) = &provider.api_key_env
+        && let Ok(key) = std::env::var(var)
+    {
+        let (name, value) = match provider.api {
+            ModelApi::OpenAI => (header::AUTHORIZATION.as_str(), format!("Bearer {key}")),
+            ModelApi::Anthropic => ("x-api-key", key),
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    }
+    let req = egress_request(parts.method, headers, uri, ctx.trace, full(rewritten))?;
+
+    let settle = Settle {
+        team: content.agent.team.clone(),
+        environment: content.agent.environment.clone(),
+        workflow: limits.budgets.first().cloned(),
+        spend: p.spend.clone(),
+        pricing: p.pricing.clone(),
+        metrics: p.metrics.clone(),
+        reservation,
+        run: run.clone(),
+        provider: provider_name.to_owned(),
+        model: model.clone(),
+    };
+    let resp = match p.plain.send(req, Some(timeout)).await {
+        Ok(r) => r,
+        Err(e) => {
+            settle.done(Usage::default(), false);
+            return Err(
+                Denial::new(Kind::Upstream, format!("cannot reach {provider_name}: {e}"))
+                    .edge(me, &edge)
+                    .run(&run),
+            );
+        }
+    };
+    let (mut parts, incoming) = resp.into_parts();
+    strip_hop_headers(&mut parts.headers);
+    // Providers bill nothing for an error.
+    if !parts.status.is_success() {
+        settle.done(Usage::default(), false);
+        let bytes = incoming
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        return Ok(Response::from_parts(parts, full(bytes)));
+    }
+    let streaming = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    if streaming {
+        let metered = Metered {
+            inner: incoming,
+            usage: Some(UsageStream::new(api, estimate)),
+            settle: Some(settle),
+        };
+        return Ok(Response::from_parts(parts, metered.boxed()));
+    }
+    let bytes = http_body_util::Limited::new(incoming, MAX_ANSWER)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| {
+            Denial::new(
+                Kind::Upstream,
+                format!("cannot read {provider_name}'s answer: {e}"),
+            )
+            .edge(me, &edge)
+            .run(&run)
+        })?;
+    settle.done(
+        llm::response_usage_or_estimate(api, &bytes, &estimate),
+        true,
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Ok(Response::from_parts(parts, full(bytes)))
+}
+
+fn refusal(r: Refusal, me: &str, edge: &str, run: &str) -> Denial {
+    let rule = match &r {
+        Refusal::Exhausted { limit, .. } => limit.clone(),
+        Refusal::Halted { .. } | Refusal::Completed { .. } => "onBreach".to_owned(),
+        Refusal::Unavailable { .. } => "budget service".to_owned(),
+    };
+    Denial::new(Kind::Budget, r.to_string())
+        .rule(rule)
+        .edge(me, edge)
+        .run(run)
+}
+
+/// Settles one call's reservation once its usage is known.
+struct Settle {
+    spend: Arc<Spend>,
+    pricing: Arc<Pricing>,
+    metrics: crate::metrics::Metrics,
+    reservation: Option<Reservation>,
+    run: String,
+    provider: String,
+    model: String,
+    team: Option<String>,
+    environment: Option<String>,
+    workflow: Option<String>,
+}
+
+impl Settle {
+    fn done(self, usage: Usage, called: bool) {
+        let price = self.pricing.get(&self.model);
+        let micros = price.map_or(0, |p| p.cost_micros(&usage));
+        let model_label = if price.is_some() {
+            self.model.as_str()
+        } else {
+            "other"
+        };
+        if called {
+            self.metrics.record_usage(
+                &self.provider,
+                model_label,
+                usage.input_tokens,
+                usage.output_tokens,
+                micros,
+                usage.estimate_reason,
+            );
+        }
+        let event = SpendEvent {
+            event_id: ulid::Ulid::new().to_string(),
+            run: self.run.clone(),
+            lease_id: None,
+            tokens_in: usage.input_tokens,
+            tokens_out: usage.output_tokens,
+            micros,
+            calls: u64::from(called),
+            model: Some(self.model.clone()),
+            estimated: usage.estimated,
+            at_ms: now_ms(),
+            team: self.team.clone(),
+            environment: self.environment.clone(),
+            workflow: self.workflow.clone(),
+        };
+        match self.reservation {
+            Some(r) => self.spend.settle(r, event),
+            None => self.spend.record(event),
+        }
+    }
+}
+
+/// A streamed answer, passed on unchanged while its usage is read.
+struct Metered {
+    inner: Incoming,
+    usage: Option<UsageStream>,
+    settle: Option<Settle>,
+}
+
+impl Metered {
+    fn finish(&mut self) {
+        if let (Some(stream), Some(settle)) = (self.usage.take(), self.settle.take()) {
+            settle.done(stream.finish(), true);
+        }
+    }
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(stream)) = (frame.data_ref(), this.usage.as_mut()) {
+                    stream.feed(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish();
+                Poll::Ready(Some(Err(BoxError::from(e))))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    // A client that hangs up mid-stream was still billed for what was generated.
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

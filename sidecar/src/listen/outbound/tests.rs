@@ -1,0 +1,117 @@
+//! Routing of outbound calls.
+
+use ringfence_crds::agent::Trust;
+use ringfence_crds::bundle::{AgentEntry, BundleContent, Limits, PolicySlice, ToolServerEntry};
+use ringfence_crds::{AgentKey, SpiffeId, TrustDomain};
+
+use super::*;
+
+fn entry(name: &str, app: &str) -> AgentEntry {
+    AgentEntry {
+        name: name.into(),
+        namespace: "default".into(),
+        spiffe_id: SpiffeId::new(
+            TrustDomain::default(),
+            AgentKey::new("default", name).unwrap(),
+        ),
+        team: None,
+        environment: None,
+        trust: Trust::Trusted,
+        may_start_runs: false,
+        inbound: Some("127.0.0.1:15602".into()),
+        app: Some(app.into()),
+    }
+}
+
+fn content() -> BundleContent {
+    BundleContent {
+        trust_domain: "cluster.local".into(),
+        agent: entry("orchestrator", "127.0.0.1:18101"),
+        peers: vec![entry("research", "127.0.0.1:18102")],
+        tool_servers: vec![ToolServerEntry {
+            name: "search".into(),
+            url: "http://127.0.0.1:18201/mcp".into(),
+        }],
+        tools: vec![],
+        model_providers: vec![],
+        policy: PolicySlice {
+            schema: String::new(),
+            policies: vec![],
+            entities: serde_json::json!([]),
+        },
+        limits: Limits::default(),
+    }
+}
+
+fn route_of(uri: &str) -> Result<Target, Denial> {
+    route(&uri.parse().unwrap(), &content())
+}
+
+#[test]
+fn agents_and_tools_are_addressed_by_path() {
+    assert_eq!(
+        route_of("/agents/research/a2a/v1?x=1").unwrap(),
+        Target::Agent {
+            name: "research".into(),
+            rest: "/a2a/v1?x=1".into()
+        }
+    );
+    assert_eq!(
+        route_of("/agents/research").unwrap(),
+        Target::Agent {
+            name: "research".into(),
+            rest: "/".into()
+        }
+    );
+    assert_eq!(
+        route_of("/agents/research?x=1").unwrap(),
+        Target::Agent {
+            name: "research".into(),
+            rest: "/?x=1".into()
+        }
+    );
+    assert_eq!(
+        route_of("/tools/search").unwrap(),
+        Target::Tool {
+            server: "search".into(),
+            rest: "/".into()
+        }
+    );
+    assert!(route_of("/agents/").is_err());
+    assert!(route_of("/elsewhere").is_err());
+}
+
+#[test]
+fn forward_proxy_requests_map_hosts_to_agents_and_tool_servers() {
+    assert_eq!(
+        route_of("http://research/tasks").unwrap(),
+        Target::Agent {
+            name: "research".into(),
+            rest: "/tasks".into()
+        }
+    );
+    assert_eq!(
+        route_of("http://research.default.svc.cluster.local:8080/").unwrap(),
+        Target::Agent {
+            name: "research".into(),
+            rest: "/".into()
+        }
+    );
+    // A card URL that still points at the agent's own address is caught too.
+    assert_eq!(
+        route_of("http://127.0.0.1:18102/a2a").unwrap(),
+        Target::Agent {
+            name: "research".into(),
+            rest: "/a2a".into()
+        }
+    );
+    assert_eq!(
+        route_of("http://127.0.0.1:18201/mcp").unwrap(),
+        Target::Tool {
+            server: "search".into(),
+            rest: "/mcp".into()
+        }
+    );
+    let err = route_of("http://example.com/").unwrap_err();
+    assert!(err.message.contains("example.com"), "{}", err.message);
+}
