@@ -1354,8 +1354,10 @@ macro_rules! suite {
                 if let Some(url) = super::crash::writer_store() {
                     return super::crash::write_until_killed(&url).await;
                 }
-                let name = concat!(stringify!($backend), "::kill_9_loses_nothing_acknowledged");
-                super::crash::kill_9_loses_nothing_acknowledged($db.await, name).await;
+                // libtest names a test by its path below the crate root.
+                let module = module_path!().split_once("::").map_or("", |(_, path)| path);
+                let name = format!("{module}::kill_9_loses_nothing_acknowledged");
+                super::crash::kill_9_loses_nothing_acknowledged($db.await, &name).await;
             }
         }
     };
