@@ -78,6 +78,9 @@ pub const HALTS_PATH: &str = "/v1/budget/halts";
 pub const SPEND_BY_PATH: &str = "/v1/spend";
 /// Budget service: recent runs (`GET`), and one run at `/v1/runs/<id>`.
 pub const RUNS_PATH: &str = "/v1/runs";
+/// Budget service: the run ledger, one [`CallEvent`] per call a sidecar made, batched,
+/// idempotent by event id ([`CallReport`] → [`CallAck`]).
+pub const CALLS_PATH: &str = "/v1/ledger/calls";
 
 /// The limits a run is held to, as the sidecar that opens it knows them from its bundle.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -205,4 +208,125 @@ pub struct HaltEvent {
     pub run: String,
     pub reason: String,
     pub at_ms: u64,
+}
+
+/// What a call across an edge was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallKind {
+    Agent,
+    Tool,
+    Model,
+}
+
+impl CallKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallKind::Agent => "agent",
+            CallKind::Tool => "tool",
+            CallKind::Model => "model",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "agent" => Some(CallKind::Agent),
+            "tool" => Some(CallKind::Tool),
+            "model" => Some(CallKind::Model),
+            _ => None,
+        }
+    }
+}
+
+/// What the sidecars decided about one call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "decision", content = "reason")]
+pub enum Decision {
+    Allowed,
+    /// Denied, with the reason as the sidecar names it (`policy`, `rate_limit`, `depth`,
+    /// `cycle`, `budget`, ...), by the caller's sidecar or the callee's.
+    Denied(String),
+}
+
+/// One call a sidecar made for its agent (allowed or refused), as the run ledger keeps it. The
+/// caller's sidecar reports it when the call is over; a refusal by the callee's sidecar comes
+/// back with the answer and is reported the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallEvent {
+    /// Unique per call (`<trace id>-<span id>`): the idempotency key of a ledger report.
+    pub event_id: String,
+    pub run_id: String,
+    /// The run's trace (32 hex digits) and this call's client span (16 hex digits).
+    #[serde(default)]
+    pub trace_id: String,
+    #[serde(default)]
+    pub span_id: String,
+    /// The span of the call that brought the run to `caller`; `None` for the root agent's calls.
+    /// Calls link into the run's tree through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_call: Option<String>,
+    /// The run's root agent and user, so the ledger knows a run no budget opened.
+    #[serde(default)]
+    pub root: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    /// The calling agent; the budget service accepts only the agent of the reporting SVID.
+    pub caller: String,
+    /// An agent name, `tool:<server>` or `model:<provider>`.
+    pub callee: String,
+    pub kind: CallKind,
+    /// The A2A method, the MCP tool, or the model, when the call named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// The rule that decided, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The callee's delegation depth (root 0).
+    pub depth: u32,
+    /// The callee was already on the run's path: a cycle formed here.
+    #[serde(default)]
+    pub cycle: bool,
+    /// Untrusted content had reached the caller's branch.
+    #[serde(default)]
+    pub tainted: bool,
+    pub latency_us: u64,
+    #[serde(default)]
+    pub tokens_in: u64,
+    #[serde(default)]
+    pub tokens_out: u64,
+    pub micros: u64,
+    /// When the call started, Unix milliseconds.
+    pub at_ms: u64,
+    /// The HTTP status the caller got, when the call got that far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+impl CallEvent {
+    pub fn tokens(&self) -> u64 {
+        self.tokens_in.saturating_add(self.tokens_out)
+    }
+
+    pub fn denied(&self) -> bool {
+        matches!(self.decision, Decision::Denied(_))
+    }
+}
+
+/// A batch of calls for the run ledger.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CallReport {
+    pub calls: Vec<CallEvent>,
+}
+
+/// The budget service's answer to a [`CallReport`]: durable once sent.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CallAck {
+    pub accepted: usize,
+    /// Calls already recorded by an earlier report (a re-sent batch).
+    pub duplicates: usize,
 }

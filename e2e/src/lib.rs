@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod llm;
 pub mod mesh;
+pub mod otlp;
 
 pub use certs::{
     expired_creds, foreign_trust_domain_creds, hop_context, mtls_post, self_signed_creds,

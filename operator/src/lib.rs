@@ -11,4 +11,5 @@ pub mod cli;
 pub mod compile;
 pub mod distribute;
 pub mod identity;
+pub mod runs;
 pub mod source;

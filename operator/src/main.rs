@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ringfence::cli::{check, local};
+use ringfence::cli::{check, local, runs};
 use ringfence_crds::TrustDomain;
 
 #[derive(Parser)]
@@ -80,6 +80,14 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
+    /// Inspect runs in the run ledger: `list`, or `show RUN` as a tree, JSON, Graphviz or a
+    /// Jaeger trace file.
+    Runs {
+        #[command(flatten)]
+        ledger: runs::LedgerArgs,
+        #[command(subcommand)]
+        command: runs::RunsCommand,
+    },
 }
 
 fn init_tracing() {
@@ -162,6 +170,17 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| {
                     rt.block_on(async { local::Local::new(opts)?.run(shutdown_signal()).await })
+                });
+            exit(result)
+        }
+        Command::Runs { ledger, command } => {
+            let result = tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let ledger = runs::Ledger::open(&ledger).await?;
+                        runs::run(&ledger, command).await
+                    })
                 });
             exit(result)
         }

@@ -123,6 +123,10 @@ pub struct RunContext {
     /// The trace id and the span id of the hop that carried this context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceParent>,
+    /// Sealed form only: the span id (16 hex digits) of the call that brought the run to this
+    /// agent, which the run ledger links this agent's calls to. `None` at the root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 impl RunContext {
@@ -144,6 +148,7 @@ impl RunContext {
             taint: Vec::new(),
             deadline_ms,
             trace,
+            via: None,
         })
     }
 
@@ -218,6 +223,7 @@ impl RunContext {
     /// path, depth `path.len()`. Set `trace` to the hop's span before encoding.
     pub fn hop(mut self) -> Self {
         self.depth = depth_of(self.path.len());
+        self.via = None;
         self
     }
 
@@ -252,6 +258,14 @@ impl RunContext {
         }
         if self.taint.windows(2).any(|w| w[0] >= w[1]) {
             return Err(invalid("taint", "the sources are not sorted and unique"));
+        }
+        if let Some(via) = &self.via
+            && (via.len() != 16 || !via.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        {
+            return Err(invalid(
+                "via",
+                "expected a span id, 16 lowercase hex digits",
+            ));
         }
         Ok(())
     }
@@ -798,6 +812,7 @@ mod tests {
                 path,
                 taint: taint.into_iter().collect(),
                 deadline_ms,
+                via: traced.then(|| TraceParent::new_root().parent_id_hex()),
                 trace: traced.then(TraceParent::new_root),
             })
     }

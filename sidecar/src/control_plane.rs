@@ -344,6 +344,15 @@ impl ControlPlane {
         self.post_json(SPEND_PATH, report, None).await
     }
 
+    /// `POST /v1/ledger/calls`: `Ok` only once the calls are durable.
+    pub async fn report_calls(
+        &self,
+        report: &ringfence_crds::api::CallReport,
+    ) -> Result<ringfence_crds::api::CallAck, ControlPlaneError> {
+        self.post_json(ringfence_crds::api::CALLS_PATH, report, None)
+            .await
+    }
+
     /// `GET /v1/budget/halts?since=<seq>`: the never-ending stream of halts as JSON lines.
     pub async fn halts(&self, since: u64) -> Result<Incoming, ControlPlaneError> {
         let uri = format!("{HALTS_PATH}?since={since}");

@@ -12,6 +12,8 @@ use crate::limits::Breach;
 
 /// Header naming the kind of refusal, so callers and tests need not parse bodies.
 pub const DENIED_HEADER: &str = "ringfence-denied";
+/// Response header naming the rule that refused the call, so the caller's sidecar can record it.
+pub const RULE_HEADER: &str = "ringfence-rule";
 
 /// What kind of refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +233,13 @@ impl Denial {
             HeaderValue::from_static("application/json"),
         );
         h.insert(DENIED_HEADER, HeaderValue::from_static(self.kind.name()));
+        if let Some(v) = self
+            .rule
+            .as_deref()
+            .and_then(|r| HeaderValue::from_str(r).ok())
+        {
+            h.insert(RULE_HEADER, v);
+        }
         if let Some(s) = self.retry_after_secs {
             h.insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
@@ -281,6 +290,7 @@ mod tests {
             .into_response(None);
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
         assert_eq!(resp.headers()[DENIED_HEADER], "policy");
+        assert_eq!(resp.headers()[RULE_HEADER], "default/no-loops/deny[0]");
         let v = body(resp).await;
         assert_eq!(v["error"]["rule"], "default/no-loops/deny[0]");
         assert_eq!(v["error"]["edge"], "research → orchestrator");

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod authz;
 pub mod backoff;
+pub mod batch;
 pub mod bundle;
 pub mod config;
 pub mod context;
@@ -34,6 +35,7 @@ pub mod recheck;
 pub mod run;
 pub mod spend;
 pub mod taint;
+pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;

@@ -46,6 +46,8 @@ pub struct Metrics {
     tokens: IntCounterVec,
     cost_usd: CounterVec,
     usage_estimated: IntCounterVec,
+    telemetry_sent: IntCounterVec,
+    telemetry_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -135,9 +137,31 @@ impl Metrics {
             &["reason"],
         )
         .map_err(failed("ringfence_usage_estimated_total"))?;
+        let telemetry_sent = IntCounterVec::new(
+            Opts::new(
+                "ringfence_telemetry_sent_total",
+                "Records delivered, by queue: `spans` (to the OTLP endpoint) and `ledger` (calls to the budget service's run ledger).",
+            ),
+            &["queue"],
+        )
+        .map_err(failed("ringfence_telemetry_sent_total"))?;
+        let telemetry_dropped = IntCounterVec::new(
+            Opts::new(
+                "ringfence_telemetry_dropped_total",
+                "Records dropped, by queue (`spans`, `ledger`): the queue was full, or the endpoint refused or could not be reached. Requests never wait for telemetry.",
+            ),
+            &["queue"],
+        )
+        .map_err(failed("ringfence_telemetry_dropped_total"))?;
+        for queue in ["spans", "ledger"] {
+            telemetry_sent.with_label_values(&[queue]);
+            telemetry_dropped.with_label_values(&[queue]);
+        }
         for (m, name) in [
             (&tokens, "ringfence_tokens_total"),
             (&usage_estimated, "ringfence_usage_estimated_total"),
+            (&telemetry_sent, "ringfence_telemetry_sent_total"),
+            (&telemetry_dropped, "ringfence_telemetry_dropped_total"),
         ] {
             registry
                 .register(Box::new(m.clone()))
@@ -167,7 +191,28 @@ impl Metrics {
             tokens,
             cost_usd,
             usage_estimated,
+            telemetry_sent,
+            telemetry_dropped,
         })
+    }
+
+    /// Counts records of `queue` (`spans`, `ledger`) delivered.
+    pub fn telemetry_sent(&self, queue: &'static str, n: usize) {
+        self.telemetry_sent
+            .with_label_values(&[queue])
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    /// Counts one record of `queue` (`spans`, `ledger`) dropped.
+    pub fn telemetry_dropped(&self, queue: &'static str) {
+        self.telemetry_dropped_n(queue, 1);
+    }
+
+    /// Counts `n` records of `queue` dropped.
+    pub fn telemetry_dropped_n(&self, queue: &'static str, n: usize) {
+        self.telemetry_dropped
+            .with_label_values(&[queue])
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     /// Records one LLM call's usage. `model` must come from a bounded set (the pricing table).

@@ -57,6 +57,8 @@ pub struct Proxy {
     pub app: SocketAddr,
     /// `http://<outbound listener>`, the base of URLs rewritten into agent cards.
     pub outbound_base: String,
+    /// Where finished calls go: spans and the run ledger.
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// What a [`Proxy`] is built from.
@@ -70,6 +72,7 @@ pub struct Wiring {
     pub outbound: SocketAddr,
     pub spend: Arc<Spend>,
     pub pricing: Arc<Pricing>,
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 impl Proxy {
@@ -83,6 +86,7 @@ impl Proxy {
             outbound,
             spend,
             pricing,
+            telemetry,
         } = w;
         let tls = Arc::new(MeshTls::new(credentials.clone()));
         let host = if outbound.ip().is_unspecified() {
@@ -105,6 +109,7 @@ impl Proxy {
             spend,
             pricing,
             app,
+            telemetry,
         })
     }
 
@@ -183,7 +188,7 @@ pub fn strip_hop_headers(headers: &mut HeaderMap) {
 
 /// A request leaving the mesh, to a tool server or a model provider: connection headers and the
 /// run's own headers stay behind (the run's context never leaves the mesh), the trace goes on
-/// as a child span, and `Host` names the upstream.
+/// under `trace`, the call's span, and `Host` names the upstream.
 pub fn egress_request(
     method: http::Method,
     mut headers: HeaderMap,
@@ -195,7 +200,7 @@ pub fn egress_request(
     headers.remove(crate::context::HEADER);
     headers.remove(USER_HEADER);
     if let Some(t) = trace
-        && let Ok(v) = http::HeaderValue::from_str(&t.child().to_string())
+        && let Ok(v) = http::HeaderValue::from_str(&t.to_string())
     {
         headers.insert("traceparent", v);
     }

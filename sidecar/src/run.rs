@@ -18,6 +18,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::pricing::Pricing;
 use crate::proxy::{Proxy, Wiring};
 use crate::spend::Spend;
+use crate::telemetry::{self, Telemetry};
 
 /// Why the sidecar cannot start; each names the flag to check.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub enum StartError {
     Pricing { path: PathBuf, reason: String },
     #[error("cannot set up the run-context seal: {0}")]
     Seal(#[from] crate::context::ContextError),
+    #[error(transparent)]
+    Otlp(#[from] crate::telemetry::otlp::OtlpError),
 }
 
 /// A started sidecar: what it publishes, and its tasks.
@@ -148,6 +151,24 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         config.tuning.request_timeout,
         &instance_name(),
     )?;
+    let exporter = telemetry::otlp::from_env(&config.agent)?;
+    let (ledger_tx, ledger_rx) = telemetry::ledger::queue();
+    let (span_tx, span_rx) = match &exporter {
+        Some(_) => {
+            let (tx, rx) = telemetry::otlp::queue();
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    let telemetry = Telemetry::new(span_tx, Some(ledger_tx), metrics.clone());
+    let mut telemetry_tasks = vec![tokio::spawn(telemetry::ledger::run(
+        ledger_rx,
+        budget_client.clone(),
+        metrics.clone(),
+    ))];
+    if let (Some(exporter), Some(rx)) = (exporter, span_rx) {
+        telemetry_tasks.push(tokio::spawn(exporter.run(rx, metrics.clone())));
+    }
     let spend = Arc::new(Spend::new(budget_client));
     let mut pricing = Pricing::default_table();
     if let Some(path) = &config.pricing {
@@ -172,6 +193,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         outbound: outbound_addr,
         spend: spend.clone(),
         pricing: Arc::new(pricing),
+        telemetry,
     })?);
     let state = AdminState {
         agent: config.agent.clone(),
@@ -181,7 +203,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         bundle_problem: watch.problems(),
         metrics: metrics.clone(),
     };
-    let running = Running {
+    let mut running = Running {
         admin_addr,
         outbound_addr,
         inbound_addr,
@@ -198,6 +220,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             tokio::spawn(spend.run_halts()),
         ],
     };
+    running.tasks.extend(telemetry_tasks);
     tracing::info!(
         agent = %config.agent,
         control_plane = %config.control_plane,

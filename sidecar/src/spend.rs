@@ -317,7 +317,7 @@ impl Spend {
     /// Reports queued spend in batches until the process ends. A batch that fails is sent again
     /// (the service counts each event once).
     pub async fn run_reporter(self: Arc<Self>) {
-        let Some(mut rx) = self
+        let Some(rx) = self
             .queue_rx
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -325,43 +325,17 @@ impl Spend {
         else {
             return;
         };
-        let backoff = Backoff::default();
-        let mut failures = 0u32;
-        let mut pending: Vec<SpendEvent> = Vec::new();
-        loop {
-            if pending.is_empty() {
-                match rx.recv().await {
-                    Some(e) => pending.push(e),
-                    None => return,
+        crate::batch::deliver(rx, BATCH, FLUSH_EVERY, "spend", |events| {
+            let this = &self;
+            async move {
+                let ack = this.client.report(&SpendReport { events }).await?;
+                for run in &ack.halted {
+                    this.mark_halted(run, "its budget was exhausted");
                 }
-                let deadline = tokio::time::sleep(FLUSH_EVERY);
-                tokio::pin!(deadline);
-                while pending.len() < BATCH {
-                    tokio::select! {
-                        e = rx.recv() => match e { Some(e) => pending.push(e), None => break },
-                        _ = &mut deadline => break,
-                    }
-                }
+                Ok::<_, crate::control_plane::ControlPlaneError>(())
             }
-            let report = SpendReport {
-                events: pending.clone(),
-            };
-            match self.client.report(&report).await {
-                Ok(ack) => {
-                    for run in &ack.halted {
-                        self.mark_halted(run, "its budget was exhausted");
-                    }
-                    pending.clear();
-                    failures = 0;
-                }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    let wait = backoff.delay(failures);
-                    tracing::warn!(events = pending.len(), error = %e, ?wait, "cannot report spend; will retry");
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
+        })
+        .await;
     }
 
     /// Follows the service's halt stream until the process ends, reconnecting with backoff.

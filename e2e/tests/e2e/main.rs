@@ -5,3 +5,4 @@ mod data_plane;
 mod local_mode;
 mod openai_client;
 mod rotation;
+mod traces;

@@ -283,70 +283,10 @@ pub enum HaltOutcome {
     UnknownRun,
 }
 
-/// What a call across an edge was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EdgeKind {
-    Agent,
-    Tool,
-    Model,
-}
-
-impl EdgeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EdgeKind::Agent => "agent",
-            EdgeKind::Tool => "tool",
-            EdgeKind::Model => "model",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "agent" => Some(EdgeKind::Agent),
-            "tool" => Some(EdgeKind::Tool),
-            "model" => Some(EdgeKind::Model),
-            _ => None,
-        }
-    }
-}
-
-/// What the sidecar decided about one call.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "decision", content = "reason")]
-pub enum Decision {
-    Allowed,
-    /// Denied, with the reason on the wire (`policy`, `rate_limit`, `depth`, `cycle`, ...).
-    Denied(String),
-}
-
-/// One call across an edge, as a sidecar records it for the ledger.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EdgeEvent {
-    /// Unique per event: the idempotency key of a ledger report.
-    pub event_id: String,
-    pub run_id: String,
-    pub caller: String,
-    pub callee: String,
-    pub kind: EdgeKind,
-    pub decision: Decision,
-    /// The rule that decided, when one did.
-    pub rule: Option<String>,
-    pub depth: u32,
-    pub latency_us: u64,
-    pub tokens: u64,
-    pub micros: u64,
-    pub at_ms: u64,
-}
+pub use ringfence_crds::api::{CallEvent as EdgeEvent, CallKind as EdgeKind, Decision};
 
 /// What a ledger report did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EdgesOutcome {
-    pub accepted: usize,
-    pub duplicates: usize,
-}
+pub use ringfence_crds::api::CallAck as EdgesOutcome;
 
 /// Reported spend, summed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -409,6 +349,8 @@ pub struct EdgeAggregate {
     pub tokens: u64,
     pub micros: u64,
     pub max_depth: u32,
+    /// Calls across this edge whose callee was already on the run's path.
+    pub cycles: u64,
     pub total_latency_us: u64,
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
@@ -422,6 +364,9 @@ pub struct RunDetail {
     pub summary: RunSummary,
     pub agents: Vec<AgentSpend>,
     pub edges: Vec<EdgeAggregate>,
+    /// Every call of the run, in the order they started: the run's tree, linked by
+    /// [`EdgeEvent::parent_call`].
+    pub calls: Vec<EdgeEvent>,
 }
 
 /// Which runs `list_runs` returns; every field that is set must match.

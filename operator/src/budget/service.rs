@@ -7,8 +7,9 @@
 //! | `POST /v1/budget/leases/release` | mTLS | [`ReleaseRequest`] → the store's `ReleaseOutcome` |
 //! | `POST /v1/budget/spend` | mTLS | [`SpendReport`] → [`SpendAck`], sent only once durable |
 //! | `GET /v1/budget/halts?since=SEQ` | mTLS | never-ending JSON lines of [`HaltEvent`]s |
+//! | `POST /v1/ledger/calls` | mTLS | [`CallReport`] → [`CallAck`]: the calls of the reporting agent, for the run ledger |
 //! | `GET /v1/runs?status=&agent=&user=&limit=` | TLS | recent runs, newest first |
-//! | `GET /v1/runs/ID` | TLS | one run with per-agent spend and edges |
+//! | `GET /v1/runs/ID` | TLS | one run with per-agent spend, edges and calls |
 //!
 //! The agent that leases and spends is always the one the verified client certificate names,
 //! never one a body claims. Run queries need no client certificate, only a connection that
@@ -29,7 +30,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use ringfence_crds::SpiffeId;
 use ringfence_crds::api::{
-    self, HaltEvent, LeaseRequest, LeaseResponse, ReleaseRequest, SpendAck, SpendReport,
+    self, CallAck, CallReport, HaltEvent, LeaseRequest, LeaseResponse, ReleaseRequest, SpendAck,
+    SpendReport,
 };
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -114,9 +116,11 @@ impl ServiceError {
             | ServiceError::UnknownLease(_)
             | ServiceError::NoEndpoint { .. } => StatusCode::NOT_FOUND,
             // Numbers a sidecar sent that the store cannot hold: the sidecar's fault.
-            ServiceError::Store(StoreError::TooLarge { .. } | StoreError::Overflow { .. }) => {
-                StatusCode::BAD_REQUEST
-            }
+            ServiceError::Store(
+                StoreError::TooLarge { .. }
+                | StoreError::Overflow { .. }
+                | StoreError::Invalid { .. },
+            ) => StatusCode::BAD_REQUEST,
             // The database is down or busy: the sidecar keeps its batch and retries.
             ServiceError::Store(StoreError::Query { .. } | StoreError::Connect { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -160,6 +164,7 @@ impl BudgetService {
     /// Whether `path` belongs to the budget service (whatever the method).
     pub fn serves(path: &str) -> bool {
         path.starts_with("/v1/budget/")
+            || path == api::CALLS_PATH
             || path == api::RUNS_PATH
             || path.starts_with("/v1/runs/")
             || path == api::SPEND_BY_PATH
@@ -213,6 +218,15 @@ impl BudgetService {
                 let agent = agent_of(peer, "reporting spend")?;
                 let body = read_json(req, MAX_SPEND_BODY, "SpendReport").await?;
                 Ok(json(StatusCode::OK, &self.report(&agent, body).await?))
+            }
+            (&Method::POST, api::CALLS_PATH) => {
+                agent_of(peer, "reporting calls")?;
+                let agent = peer.map(|id| id.name().to_owned()).unwrap_or_default();
+                let body = read_json(req, MAX_SPEND_BODY, "CallReport").await?;
+                Ok(json(
+                    StatusCode::OK,
+                    &self.record_calls(&agent, body).await?,
+                ))
             }
             (&Method::GET, api::HALTS_PATH) => {
                 agent_of(peer, "the halt stream")?;
@@ -372,6 +386,19 @@ impl BudgetService {
             ReleaseOutcome::UnknownLease => Err(ServiceError::UnknownLease(req.lease_id)),
             outcome => Ok(outcome),
         }
+    }
+
+    /// Adds a batch of `agent`'s calls to the run ledger; the ack goes out only after the store
+    /// committed it.
+    async fn record_calls(&self, agent: &str, report: CallReport) -> Result<CallAck, ServiceError> {
+        if report.calls.len() > MAX_EVENTS {
+            return Err(ServiceError::TooManyEvents(report.calls.len()));
+        }
+        let mut calls = report.calls;
+        for (i, c) in calls.iter_mut().enumerate() {
+            check_call(i, agent, c)?;
+        }
+        Ok(self.store.record_edges(&calls).await?)
     }
 
     /// Records the batch, every event as spent by `agent`; the ack goes out only after the store
@@ -623,6 +650,47 @@ fn spend_event(
         environment: bounded(e.environment),
         workflow: bounded(e.workflow),
     })
+}
+
+/// A reported call, checked: it is `agent`'s own, and every text fits the ledger.
+fn check_call(i: usize, agent: &str, c: &mut api::CallEvent) -> Result<(), ServiceError> {
+    if c.caller != agent {
+        return Err(invalid(
+            &format!("calls[{i}].caller"),
+            format!(
+                "{:?}, but the client certificate is {agent}'s: a sidecar reports its own agent's calls only",
+                c.caller.chars().take(64).collect::<String>()
+            ),
+        ));
+    }
+    check_id(&format!("calls[{i}].eventId"), &c.event_id)?;
+    c.run_id = run_id(&format!("calls[{i}].runId"), &c.run_id)?;
+    for (field, value, len) in [
+        ("traceId", Some(&c.trace_id), 32),
+        ("spanId", Some(&c.span_id), 16),
+        ("parentCall", c.parent_call.as_ref(), 16),
+    ] {
+        if let Some(v) = value
+            && (v.len() != len || !v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        {
+            return Err(invalid(
+                &format!("calls[{i}].{field}"),
+                format!("expected {len} lowercase hex digits"),
+            ));
+        }
+    }
+    check_name(&format!("calls[{i}].callee"), &c.callee, false)?;
+    check_name(&format!("calls[{i}].root"), &c.root, true)?;
+    check_name(&format!("calls[{i}].user"), &c.user, true)?;
+    for (field, value) in [("operation", &c.operation), ("rule", &c.rule)] {
+        if let Some(v) = value {
+            check_name(&format!("calls[{i}].{field}"), v, true)?;
+        }
+    }
+    if let api::Decision::Denied(reason) = &c.decision {
+        check_name(&format!("calls[{i}].reason"), reason, false)?;
+    }
+    Ok(())
 }
 
 /// A run id: a ULID in its canonical spelling (upper case, in range), as the sidecar's run

@@ -2,4 +2,5 @@
 
 pub mod check;
 pub mod local;
+pub mod runs;
 pub mod spawn;

@@ -205,9 +205,22 @@ mod fixtures {
             rule: denied.and_then(|(_, rule)| rule.map(str::to_owned)),
             depth,
             latency_us: 100,
-            tokens,
+            tokens_in: tokens,
+            tokens_out: 0,
             micros: tokens * 10,
             at_ms,
+            trace_id: "0af7651916cd43dd8448eb211c80319c".to_owned(),
+            span_id: format!(
+                "{:016x}",
+                id.bytes().fold(7u64, |h, b| h * 31 + u64::from(b))
+            ),
+            parent_call: None,
+            root: String::new(),
+            user: String::new(),
+            operation: None,
+            cycle: false,
+            tainted: false,
+            status: None,
         }
     }
 
@@ -1040,7 +1053,7 @@ mod scenarios {
             )
             .await
             .expect("report");
-        let calls = vec![
+        let mut calls = vec![
             edge("c1", "run-q1", "orchestrator", "research", None, 1, 40, 110),
             edge("c2", "run-q1", "orchestrator", "research", None, 1, 60, 120),
             edge(
@@ -1075,6 +1088,9 @@ mod scenarios {
             ),
             edge("c6", "run-q3", "triage", "web-search", None, 1, 7, 310),
         ];
+        // research called back into orchestrator, already on the path: a cycle formed there.
+        calls[4].cycle = true;
+        calls[3].parent_call = Some(calls[0].span_id.clone());
         let first = store.record_edges(&calls).await.expect("edges");
         assert_eq!((first.accepted, first.duplicates), (6, 0));
         let again = store.record_edges(&calls[..3]).await.expect("edges");
@@ -1091,6 +1107,18 @@ mod scenarios {
         assert_eq!(run.summary.run.user, "ada");
         assert_eq!(run.summary.run.limits, l);
         assert_eq!(run.summary.run.status, RunStatus::Running);
+        // Every call is kept, in the order it started, exactly as reported.
+        let ids: Vec<&str> = run.calls.iter().map(|c| c.event_id.as_str()).collect();
+        assert_eq!(ids, ["c1", "c2", "c3", "c4", "c5"]);
+        let expected: Vec<_> = calls[..5]
+            .iter()
+            .cloned()
+            .map(|mut c| {
+                (c.root, c.user) = ("orchestrator".into(), "ada".into());
+                c
+            })
+            .collect();
+        assert_eq!(run.calls, expected);
         assert_eq!(run.summary.spent.tokens(), 200);
         assert_eq!(run.summary.spent.micros, 2_000);
         let agents: Vec<(&str, u64, u64)> = run
@@ -1123,6 +1151,7 @@ mod scenarios {
             (3, 3, 300)
         );
         assert_eq!((back.first_seen_ms, back.last_seen_ms), (130, 150));
+        assert_eq!((down.cycles, back.cycles), (0, 1));
         assert_eq!(
             back.denials,
             BTreeMap::from([

@@ -17,10 +17,11 @@ use crate::context;
 use crate::deny::{Denial, Kind};
 use crate::forward::{Body, full, stream};
 use crate::limits;
-use crate::protocol::jsonrpc;
+use crate::protocol::{a2a, jsonrpc};
 use crate::proxy::{MAX_REQUEST_BODY, Proxy, USER_HEADER, now_ms, read_body, strip_hop_headers};
 use crate::recheck;
 use crate::taint::TAINT_HEADER;
+use crate::telemetry::{CallSpan, Side};
 
 /// Serves one inbound request from the sidecar of `peer`.
 pub async fn handle(
@@ -41,10 +42,14 @@ pub async fn handle(
                 .map(|a| a.name.clone())
         })
         .unwrap_or_else(|| "unknown".to_owned());
-    let resp = match inbound(&p, peer, req).await {
+    let mut span = CallSpan::new(Side::Server, &p.agent.name);
+    span.target = p.agent.name.to_string();
+    span.caller.clone_from(&peer_label);
+    let resp = match inbound(&p, peer, req, &mut span).await {
         Ok(resp) => resp,
         Err((denial, rpc_id)) => {
             tracing::info!(agent = %p.agent, reason = denial.kind.name(), rule = ?denial.rule, edge = ?denial.edge, run = ?denial.run, "{}", denial.message);
+            span.denied(denial.kind.name(), denial.rule.as_deref(), &denial.message);
             denial.into_response(rpc_id.as_deref())
         }
     };
@@ -55,13 +60,18 @@ pub async fn handle(
         crate::listen::outbound::decision(&resp),
         started.elapsed(),
     );
-    resp
+    span.answered(&resp);
+    if span.trace.is_none() {
+        span.root();
+    }
+    p.telemetry.finish_with(span, resp)
 }
 
 async fn inbound(
     p: &Proxy,
     peer: Option<SpiffeId>,
     req: Request<Incoming>,
+    span: &mut CallSpan,
 ) -> Result<Response<Body>, (Denial, Option<String>)> {
     let snap = p.ready().map_err(|d| (d, None))?;
     let content = &snap.bundle.content;
@@ -116,6 +126,25 @@ async fn inbound(
         })?;
     let ctx = context::decode(header_value)
         .map_err(|e| fail(Denial::new(Kind::Context, e.to_string()).edge(caller, me)))?;
+    // This call's server span, a child of the caller's client span the hop carries.
+    span.run = Some(ctx.run.clone());
+    span.depth = ctx.depth;
+    span.cycle = ctx.revisits_of(me) > 0;
+    span.tainted = !ctx.taint.is_empty();
+    let call_span = ctx.trace;
+    let server_span = match call_span {
+        Some(t) => span.child_of(t),
+        None => span.root(),
+    };
+    if let Some(call) = jsonrpc::parse_request(&body)
+        .ok()
+        .map(|e| a2a::inspect_envelope(&e))
+        .filter(|c| c.method.is_some())
+        .or_else(|| a2a::inspect_http(&parts.method, parts.uri.path(), &body))
+    {
+        span.a2a_method = call.method.map(|m| m.name());
+        span.a2a_task = call.task_id;
+    }
     ctx.check_hop(caller).map_err(|e| {
         fail(
             Denial::new(Kind::Context, e.to_string())
@@ -148,13 +177,16 @@ async fn inbound(
 
     // The app gets the context as it stands at this agent, sealed so it cannot be altered.
     let run = ctx.run.clone();
-    let here = ctx.enter(me).map_err(|e| {
+    let mut here = ctx.enter(me).map_err(|e| {
         fail(
             Denial::new(Kind::Depth, e.to_string())
                 .edge(caller, me)
                 .run(&run),
         )
     })?;
+    // The app's calls hang under this server span; the ledger links them to the caller's call.
+    here.trace = Some(server_span);
+    here.via = call_span.map(|t| t.parent_id_hex());
     let sealed = p.sealer.seal(&here).map_err(|e| {
         fail(
             Denial::new(

@@ -27,6 +27,7 @@ use crate::pricing::Pricing;
 use crate::protocol::llm::{self, Api, Usage, UsageStream};
 use crate::proxy::{Proxy, egress_request, now_ms, strip_hop_headers};
 use crate::spend::{Refusal, Reservation, Spend};
+use crate::telemetry::{CallSpan, UsageSlot};
 
 /// Output tokens reserved when a request sets no cap.
 pub const DEFAULT_OUTPUT_RESERVATION: u64 = 4096;
@@ -44,6 +45,7 @@ pub async fn call_model(
     parts: http::request::Parts,
     body: Bytes,
     timeout: std::time::Duration,
+    span: &mut CallSpan,
 ) -> Result<Response<Body>, Denial> {
     let content = &snap.bundle.content;
     let me = content.agent.name.as_str();
@@ -80,6 +82,8 @@ pub async fn call_model(
             .run(&run)
     })?;
     let edge = format!("model:{provider_name}/{model}");
+    span.model = Some(model.clone());
+    span.target = model.clone();
 
     let decision_ctx = CallContext::of(&ctx, taint, ctx.depth, 0);
     let d = snap.authorizer.decide(&CallRequest {
@@ -179,7 +183,7 @@ pub async fn call_model(
             headers.insert(name, v);
         }
     }
-    let req = egress_request(parts.method, headers, uri, ctx.trace, full(rewritten))?;
+    let req = egress_request(parts.method, headers, uri, span.trace, full(rewritten))?;
 
     let settle = Settle {
         team: content.agent.team.clone(),
@@ -192,6 +196,7 @@ pub async fn call_model(
         run: run.clone(),
         provider: provider_name.to_owned(),
         model: model.clone(),
+        usage: span.usage_slot(),
     };
     let resp = match p.plain.send(req, Some(timeout)).await {
         Ok(r) => r,
@@ -273,12 +278,20 @@ struct Settle {
     team: Option<String>,
     environment: Option<String>,
     workflow: Option<String>,
+    /// Where the call's span reads the usage.
+    usage: UsageSlot,
 }
 
 impl Settle {
     fn done(self, usage: Usage, called: bool) {
         let price = self.pricing.get(&self.model);
         let micros = price.map_or(0, |p| p.cost_micros(&usage));
+        // Set once; a slot already filled keeps its first value.
+        let _ = self.usage.set(crate::telemetry::Usage {
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            micros,
+        });
         let model_label = if price.is_some() {
             self.model.as_str()
         } else {

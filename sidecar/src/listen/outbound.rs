@@ -12,6 +12,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ringfence_crds::agent::Trust;
+use ringfence_crds::api::CallKind;
 use ringfence_crds::bundle::{AgentEntry, BundleContent};
 
 use crate::authz::{Action, CallContext, CallRequest, Resource};
@@ -26,6 +27,7 @@ use crate::proxy::{
     read_body, strip_hop_headers,
 };
 use crate::taint::{self, TAINT_HEADER};
+use crate::telemetry::{CallSpan, Operation, Side};
 use crate::tracecontext::TraceParent;
 
 /// Where an outbound call goes.
@@ -39,16 +41,23 @@ enum Target {
 /// Serves one outbound request.
 pub async fn handle(p: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let ((kind, peer), resp) = match outbound(&p, req).await {
+    let mut span = CallSpan::new(Side::Client, &p.agent.name);
+    let ((kind, peer), resp) = match outbound(&p, req, &mut span).await {
         Ok(done) => done,
         Err((label, denial, rpc_id)) => {
             tracing::info!(agent = %p.agent, reason = denial.kind.name(), rule = ?denial.rule, edge = ?denial.edge, run = ?denial.run, "{}", denial.message);
+            span.denied(denial.kind.name(), denial.rule.as_deref(), &denial.message);
             (label, denial.into_response(rpc_id.as_deref()))
         }
     };
     p.metrics
         .record_request("outbound", kind, &peer, decision(&resp), started.elapsed());
-    resp
+    span.answered(&resp);
+    if span.trace.is_none() {
+        // Refused before its run (and so its trace) was known: a trace of its own.
+        span.root();
+    }
+    p.telemetry.finish_with(span, resp)
 }
 
 /// The metrics label of a response: `allowed`, or the kind of refusal.
@@ -75,7 +84,11 @@ fn unknown() -> Label {
     ("unknown", "unknown".to_owned())
 }
 
-async fn outbound(p: &Proxy, req: Request<Incoming>) -> Result<(Label, Response<Body>), Refusal> {
+async fn outbound(
+    p: &Proxy,
+    req: Request<Incoming>,
+    span: &mut CallSpan,
+) -> Result<(Label, Response<Body>), Refusal> {
     let snap = p.ready().map_err(|d| (unknown(), d, None))?;
     let content = &snap.bundle.content;
     let target = route(req.uri(), content).map_err(|d| (unknown(), d, None))?;
@@ -99,6 +112,22 @@ async fn outbound(p: &Proxy, req: Request<Incoming>) -> Result<(Label, Response<
         ),
     };
     let label: Label = (kind, known.unwrap_or_else(|| "unknown".to_owned()));
+    span.caller = content.agent.name.clone();
+    match &target {
+        Target::Agent { name, .. } => {
+            (span.operation, span.kind) = (Operation::InvokeAgent, CallKind::Agent);
+            span.target = name.clone();
+        }
+        Target::Tool { server, .. } => {
+            (span.operation, span.kind) = (Operation::ExecuteTool, CallKind::Tool);
+            span.target = server.clone();
+        }
+        Target::Model { provider, .. } => {
+            (span.operation, span.kind) = (Operation::Chat, CallKind::Model);
+            span.target = provider.clone();
+            span.provider = Some(provider.clone());
+        }
+    }
     let (parts, body) = req.into_parts();
     let body = read_body(body, MAX_REQUEST_BODY)
         .await
@@ -113,8 +142,21 @@ async fn outbound(p: &Proxy, req: Request<Incoming>) -> Result<(Label, Response<
         Target::Tool { server, .. } => format!("tool:{server}"),
         Target::Model { provider, .. } => format!("model:{provider}"),
     };
+    span.callee = callee_name.clone();
     let (ctx, started_run) =
         restore_or_start(p, &snap, &parts.headers, &callee_name).map_err(fail)?;
+    if started_run
+        && let Some(trace) = ctx.trace
+        && !parts.headers.contains_key("traceparent")
+    {
+        p.telemetry.finish(CallSpan::run_root(
+            &content.agent.name,
+            trace,
+            &ctx.run,
+            &ctx.user,
+        ));
+    }
+    place_in_trace(span, &ctx, &parts.headers);
     limits::check_deadline(ctx.deadline_ms, now_ms())
         .map_err(|b| fail(breach(b, &content.agent.name, &callee_name, &ctx.run)))?;
     // A halted run stops here, whatever the call.
@@ -131,20 +173,23 @@ async fn outbound(p: &Proxy, req: Request<Incoming>) -> Result<(Label, Response<
     }
     let mut taint = ctx.taint.clone();
     p.taint.merge_into(&ctx.run, &ctx.path, &mut taint);
+    span.tainted = !taint.is_empty();
 
     // A run that starts here is handed back to the app sealed, so its later calls join it.
     let sealed = started_run.then(|| p.sealer.seal(&ctx).ok()).flatten();
     let resp = match target {
         Target::Agent { name, rest } => {
-            call_agent(p, &snap, ctx, taint, &name, &rest, parts, body).await
+            call_agent(p, &snap, ctx, taint, &name, &rest, parts, body, span).await
         }
         Target::Tool { server, rest } => {
-            call_tool(p, &snap, ctx, taint, &server, &rest, parts, body).await
+            call_tool(p, &snap, ctx, taint, &server, &rest, parts, body, span).await
         }
         Target::Model { provider, rest } => {
             let timeout = child_timeout(content, ctx.deadline_ms);
-            super::models::call_model(p, &snap, ctx, taint, &provider, &rest, parts, body, timeout)
-                .await
+            super::models::call_model(
+                p, &snap, ctx, taint, &provider, &rest, parts, body, timeout, span,
+            )
+            .await
         }
     };
     resp.map(|mut r| {
@@ -299,6 +344,37 @@ fn restore_or_start(
     Ok((ctx, true))
 }
 
+/// Puts the call's span in its run's trace: under the app's own span when the app forwarded a
+/// `traceparent` of the run's trace, else under the span the run's context carries. The ledger
+/// links the call to the one that brought the run to this agent.
+fn place_in_trace(span: &mut CallSpan, ctx: &RunContext, headers: &http::HeaderMap) {
+    span.run = Some(ctx.run.clone());
+    span.root = ctx.path.first().cloned().unwrap_or_default();
+    span.user.clone_from(&ctx.user);
+    span.depth = u32::try_from(ctx.path.len()).unwrap_or(u32::MAX);
+    span.parent_call = ctx
+        .via
+        .as_deref()
+        .and_then(|v| crate::tracecontext::parse_span_id(v).ok());
+    let app = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| TraceParent::parse(t).ok());
+    let parent = match (app, ctx.trace) {
+        (Some(app), Some(run)) if app.trace_id == run.trace_id => Some(app),
+        (_, Some(run)) => Some(run),
+        (app, None) => app,
+    };
+    match parent {
+        Some(parent) => {
+            span.child_of(parent);
+        }
+        None => {
+            span.root();
+        }
+    }
+}
+
 fn breach(b: limits::Breach, caller: &str, callee: &str, run: &str) -> Denial {
     Denial::breach(&b, caller, callee, run)
 }
@@ -320,6 +396,7 @@ async fn call_agent(
     rest: &str,
     parts: http::request::Parts,
     body: Bytes,
+    span: &mut CallSpan,
 ) -> Result<Response<Body>, Denial> {
     let content = &snap.bundle.content;
     let me = content.agent.name.as_str();
@@ -343,14 +420,19 @@ async fn call_agent(
     // What the call is, for the decision and the record.
     let card = parts.method == http::Method::GET
         && a2a::is_card_path(rest.split('?').next().unwrap_or(rest));
-    let method = if card {
+    let a2a_call = if card {
         None
     } else {
         jsonrpc::parse_request(&body)
             .ok()
-            .and_then(|e| a2a::A2aMethod::from_jsonrpc(&e.method))
-            .or_else(|| a2a::A2aMethod::from_http(&parts.method, rest).map(|(m, _)| m))
+            .map(|e| a2a::inspect_envelope(&e))
+            .filter(|c| c.method.is_some())
+            .or_else(|| a2a::inspect_http(&parts.method, rest, &body))
     };
+    let method = a2a_call.as_ref().and_then(|c| c.method);
+    span.a2a_method = method.map(|m| m.name());
+    span.a2a_task = a2a_call.and_then(|c| c.task_id);
+    span.cycle = ctx.revisits_of(callee) > 0;
 
     // Policy first: it is the control people wrote, and its refusal names their rule. Depth and
     // cycles are the safety net behind it.
@@ -385,10 +467,7 @@ async fn call_agent(
         .edge(me, callee)
         .run(&ctx.run)
     })?;
-    let trace = ctx
-        .trace
-        .map(|t| t.child())
-        .unwrap_or_else(TraceParent::new_root);
+    let trace = span.trace.unwrap_or_else(|| span.root());
     let run = ctx.run.clone();
     let path = ctx.path.clone();
     let deadline_ms = ctx.deadline_ms;
@@ -487,6 +566,7 @@ async fn call_tool(
     rest: &str,
     parts: http::request::Parts,
     body: Bytes,
+    span: &mut CallSpan,
 ) -> Result<Response<Body>, Denial> {
     let content = &snap.bundle.content;
     let me = content.agent.name.as_str();
@@ -511,9 +591,12 @@ async fn call_tool(
             .run(&ctx.run)
     })?;
 
+    span.mcp_method = Some(call.method.clone());
     let mut untrusted = false;
     let mut source = String::new();
     if let Some(tool) = call.tool() {
+        span.tool = Some(tool.to_owned());
+        span.target = tool.to_owned();
         let edge_to = format!("tool:{server}/{tool}");
         let decision_ctx = CallContext::of(&ctx, taint.clone(), ctx.depth, 0);
         let d = snap.authorizer.decide(&CallRequest {
@@ -543,7 +626,7 @@ async fn call_tool(
     let uri: Uri = url
         .parse()
         .map_err(|_| Denial::new(Kind::BadRequest, format!("{url} is not a valid URL")))?;
-    let req = egress_request(parts.method, parts.headers, uri, ctx.trace, full(body))?;
+    let req = egress_request(parts.method, parts.headers, uri, span.trace, full(body))?;
     let timeout = child_timeout(content, ctx.deadline_ms);
     let resp = p
         .plain

@@ -1,4 +1,5 @@
-//! The run ledger: per-edge aggregates of every call, and the queries that read runs back.
+//! The run ledger: every call of a run (its tree), per-edge aggregates, and the queries that
+//! read runs back.
 
 use std::collections::BTreeMap;
 
@@ -25,20 +26,17 @@ impl Store {
         events.sort_by(|a, b| a.event_id.cmp(&b.event_id));
 
         let mut tx = self.begin_write().await?;
+        let mut opened = std::collections::BTreeSet::new();
+        for event in &events {
+            if !event.root.is_empty() && opened.insert(event.run_id.as_str()) {
+                open_for_ledger(&mut tx, event).await?;
+            }
+        }
         let mut edges: BTreeMap<(&str, &str, &str), EdgeDelta> = BTreeMap::new();
         let mut denials: BTreeMap<(&str, &str, &str, &str, &str), u64> = BTreeMap::new();
         for event in events {
-            let inserted = sqlx::query(
-                "INSERT INTO edge_events (event_id, run_id, at_ms) VALUES ($1, $2, $3) \
-                 ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(&event.event_id)
-            .bind(&event.run_id)
-            .bind(db("at_ms", event.at_ms)?)
-            .execute(&mut *tx)
-            .await
-            .op("recording a call")?;
-            if inserted.rows_affected() == 0 {
+            let inserted = insert_call(&mut tx, event).await?;
+            if !inserted {
                 outcome.duplicates += 1;
                 continue;
             }
@@ -94,6 +92,7 @@ impl Store {
         let outstanding = outstanding(&mut tx, run_id).await?;
         let agents = agent_spend(&mut tx, run_id).await?;
         let edges = edges(&mut tx, run_id).await?;
+        let calls = calls(&mut tx, &run.record).await?;
         tx.commit().await.op("ending a read")?;
         Ok(Some(RunDetail {
             summary: RunSummary {
@@ -103,6 +102,7 @@ impl Store {
             },
             agents,
             edges,
+            calls,
         }))
     }
 
@@ -216,6 +216,7 @@ struct EdgeDelta {
     tokens: u64,
     micros: u64,
     max_depth: u32,
+    cycles: u64,
     latency_us: u64,
     first_ms: u64,
     last_ms: u64,
@@ -230,6 +231,7 @@ impl EdgeDelta {
             tokens: 0,
             micros: 0,
             max_depth: 0,
+            cycles: 0,
             latency_us: 0,
             first_ms: event.at_ms,
             last_ms: event.at_ms,
@@ -238,10 +240,11 @@ impl EdgeDelta {
 
     fn add(&mut self, event: &EdgeEvent) {
         self.calls = self.calls.saturating_add(1);
-        if matches!(event.decision, Decision::Denied(_)) {
+        if event.denied() {
             self.denials = self.denials.saturating_add(1);
         }
-        self.tokens = self.tokens.saturating_add(event.tokens);
+        self.cycles = self.cycles.saturating_add(u64::from(event.cycle));
+        self.tokens = self.tokens.saturating_add(event.tokens());
         self.micros = self.micros.saturating_add(event.micros);
         self.max_depth = self.max_depth.max(event.depth);
         self.latency_us = self.latency_us.saturating_add(event.latency_us);
@@ -259,8 +262,8 @@ async fn upsert_edge(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO edges (run_id, caller, callee, kind, calls, denials, tokens, micros, \
-         max_depth, total_latency_us, first_seen_ms, last_seen_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         max_depth, total_latency_us, first_seen_ms, last_seen_ms, cycles) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
          ON CONFLICT (run_id, caller, callee) DO UPDATE SET \
          calls = edges.calls + excluded.calls, \
          denials = edges.denials + excluded.denials, \
@@ -269,6 +272,7 @@ async fn upsert_edge(
          max_depth = CASE WHEN excluded.max_depth > edges.max_depth \
              THEN excluded.max_depth ELSE edges.max_depth END, \
          total_latency_us = edges.total_latency_us + excluded.total_latency_us, \
+         cycles = edges.cycles + excluded.cycles, \
          first_seen_ms = CASE WHEN excluded.first_seen_ms < edges.first_seen_ms \
              THEN excluded.first_seen_ms ELSE edges.first_seen_ms END, \
          last_seen_ms = CASE WHEN excluded.last_seen_ms > edges.last_seen_ms \
@@ -286,6 +290,7 @@ async fn upsert_edge(
     .bind(db("latency_us", delta.latency_us)?)
     .bind(db("at_ms", delta.first_ms)?)
     .bind(db("at_ms", delta.last_ms)?)
+    .bind(db("cycles", delta.cycles)?)
     .execute(&mut **tx)
     .await
     .op("adding calls to an edge")?;
@@ -347,7 +352,7 @@ async fn edges(
             );
     }
     let rows = sqlx::query(
-        "SELECT caller, callee, kind, calls, tokens, micros, max_depth, total_latency_us, \
+        "SELECT caller, callee, kind, calls, tokens, micros, max_depth, cycles, total_latency_us, \
          first_seen_ms, last_seen_ms FROM edges WHERE run_id = $1 ORDER BY first_seen_ms, caller, callee",
     )
     .bind(run_id)
@@ -380,10 +385,147 @@ fn edge_from_row(
         max_depth: u32::try_from(max_depth).map_err(|_| StoreError::Corrupt {
             what: format!("depth {max_depth} of {caller} -> {callee}"),
         })?,
+        cycles: get_u64(row, "cycles")?,
         total_latency_us: get_u64(row, "total_latency_us")?,
         first_seen_ms: get_u64(row, "first_seen_ms")?,
         last_seen_ms: get_u64(row, "last_seen_ms")?,
         caller,
         callee,
     })
+}
+
+/// Opens the run of `event` if no lease did: the ledger keeps every run, budgeted or not. A
+/// lease that comes later sets the run's terms ([`Store::open_run`]).
+async fn open_for_ledger(
+    tx: &mut Transaction<'static, Any>,
+    event: &EdgeEvent,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO runs (run_id, root_agent, user_name, on_breach, budgets, status, \
+         opened_at_ms) VALUES ($1, $2, $3, $4, '[]', 'running', $5) \
+         ON CONFLICT (run_id) DO NOTHING",
+    )
+    .bind(&event.run_id)
+    .bind(&event.root)
+    .bind(&event.user)
+    .bind(super::on_breach_str(
+        ringfence_crds::budget::OnBreach::default(),
+    ))
+    .bind(db("at_ms", event.at_ms)?)
+    .execute(&mut **tx)
+    .await
+    .op("opening a run for the ledger")?;
+    Ok(())
+}
+
+/// Keeps one call; `false` when its event id was recorded before (a re-sent batch).
+async fn insert_call(
+    tx: &mut Transaction<'static, Any>,
+    event: &EdgeEvent,
+) -> Result<bool, StoreError> {
+    let (decision, reason) = match &event.decision {
+        Decision::Allowed => ("allowed", None),
+        Decision::Denied(reason) => (reason.as_str(), Some(reason)),
+    };
+    if reason.is_some_and(|r| r == "allowed") {
+        return Err(StoreError::Invalid {
+            what: format!(
+                "call {}: \"allowed\" is not a reason to refuse a call",
+                event.event_id
+            ),
+        });
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO calls (event_id, run_id, trace_id, span_id, parent_call, caller, callee, \
+         kind, operation, decision, rule, depth, cycle, tainted, latency_us, tokens_in, \
+         tokens_out, micros, at_ms, status) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+         $18, $19, $20) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(&event.event_id)
+    .bind(&event.run_id)
+    .bind(&event.trace_id)
+    .bind(&event.span_id)
+    .bind(event.parent_call.as_deref())
+    .bind(&event.caller)
+    .bind(&event.callee)
+    .bind(event.kind.as_str())
+    .bind(event.operation.as_deref())
+    .bind(decision)
+    .bind(event.rule.as_deref())
+    .bind(i64::from(event.depth))
+    .bind(i64::from(event.cycle))
+    .bind(i64::from(event.tainted))
+    .bind(db("latency_us", event.latency_us)?)
+    .bind(db("tokens_in", event.tokens_in)?)
+    .bind(db("tokens_out", event.tokens_out)?)
+    .bind(db("micro-USD", event.micros)?)
+    .bind(db("at_ms", event.at_ms)?)
+    .bind(event.status.map(i64::from))
+    .execute(&mut **tx)
+    .await
+    .op("recording a call")?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// A run's calls in the order they started (rows migrated from before calls were kept, which
+/// carry no caller, are skipped).
+async fn calls(
+    tx: &mut Transaction<'static, Any>,
+    run: &crate::budget::RunRecord,
+) -> Result<Vec<EdgeEvent>, StoreError> {
+    let run_id = run.run_id.as_str();
+    let rows = sqlx::query(
+        "SELECT event_id, trace_id, span_id, parent_call, caller, callee, kind, operation, \
+         decision, rule, depth, cycle, tainted, latency_us, tokens_in, tokens_out, micros, \
+         at_ms, status FROM calls WHERE run_id = $1 AND caller <> '' ORDER BY at_ms, event_id",
+    )
+    .bind(run_id)
+    .fetch_all(&mut **tx)
+    .await
+    .op("reading a run's calls")?;
+    rows.iter()
+        .map(|row| {
+            let event_id: String = get(row, "event_id")?;
+            let kind: String = get(row, "kind")?;
+            let decision: String = get(row, "decision")?;
+            let small = |col: &'static str| -> Result<u32, StoreError> {
+                let v = get_u64(row, col)?;
+                u32::try_from(v).map_err(|_| StoreError::Corrupt {
+                    what: format!("{col} {v} of call {event_id}"),
+                })
+            };
+            let status: Option<i64> = get(row, "status")?;
+            Ok(EdgeEvent {
+                run_id: run_id.to_owned(),
+                trace_id: get(row, "trace_id")?,
+                span_id: get(row, "span_id")?,
+                parent_call: get(row, "parent_call")?,
+                root: run.root_agent.clone(),
+                user: run.user.clone(),
+                caller: get(row, "caller")?,
+                callee: get(row, "callee")?,
+                kind: EdgeKind::parse(&kind).ok_or_else(|| StoreError::Corrupt {
+                    what: format!("kind {kind:?} of call {event_id}"),
+                })?,
+                operation: get(row, "operation")?,
+                decision: if decision == "allowed" {
+                    Decision::Allowed
+                } else {
+                    Decision::Denied(decision)
+                },
+                rule: get(row, "rule")?,
+                depth: small("depth")?,
+                cycle: get_u64(row, "cycle")? != 0,
+                tainted: get_u64(row, "tainted")? != 0,
+                latency_us: get_u64(row, "latency_us")?,
+                tokens_in: get_u64(row, "tokens_in")?,
+                tokens_out: get_u64(row, "tokens_out")?,
+                micros: get_u64(row, "micros")?,
+                at_ms: get_u64(row, "at_ms")?,
+                status: status.and_then(|s| u16::try_from(s).ok()),
+                event_id,
+            })
+        })
+        .collect()
 }

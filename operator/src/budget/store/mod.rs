@@ -68,6 +68,8 @@ pub enum StoreError {
         max = i64::MAX
     )]
     TooLarge { field: &'static str, value: u64 },
+    #[error("{what}; check the sidecar that sent it")]
+    Invalid { what: String },
     #[error("reported spend for run {run_id} overflows 64 bits; check the sidecar that sent it")]
     Overflow { run_id: String },
     #[error("the budget store holds an invalid {what}; check for manual edits of the database")]
@@ -332,7 +334,7 @@ impl RunRow {
     }
 }
 
-fn on_breach_str(on_breach: OnBreach) -> &'static str {
+pub(super) fn on_breach_str(on_breach: OnBreach) -> &'static str {
     match on_breach {
         OnBreach::HaltAndAlert => "HaltAndAlert",
         OnBreach::Halt => "Halt",

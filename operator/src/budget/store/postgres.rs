@@ -17,6 +17,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "attribution",
         include_str!("migrations/postgres/0002_attribution.sql"),
     ),
+    (
+        3,
+        "calls",
+        include_str!("migrations/postgres/0003_calls.sql"),
+    ),
 ];
 
 /// A halt's sequence number is drawn when it is inserted, but transactions commit in any order:

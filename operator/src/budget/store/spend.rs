@@ -16,6 +16,8 @@ pub const HALT_PAGE: usize = 1_000;
 
 impl Store {
     /// Opens a run, or returns it unchanged if it is already open (whatever the arguments).
+    /// A run the ledger opened (from its calls, with no terms) takes the first terms a lease
+    /// brings; a run opened with terms keeps them.
     pub async fn open_run(
         &self,
         run_id: &str,
@@ -31,7 +33,11 @@ impl Store {
             "INSERT INTO runs (run_id, root_agent, user_name, max_tokens, max_micros, \
              deadline_ms, on_breach, budgets, status, opened_at_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running', $9) \
-             ON CONFLICT (run_id) DO NOTHING",
+             ON CONFLICT (run_id) DO UPDATE SET max_tokens = excluded.max_tokens, \
+             max_micros = excluded.max_micros, deadline_ms = excluded.deadline_ms, \
+             on_breach = excluded.on_breach, budgets = excluded.budgets \
+             WHERE runs.budgets = '[]' AND runs.max_tokens IS NULL AND runs.max_micros IS NULL \
+             AND runs.deadline_ms IS NULL",
         )
         .bind(run_id)
         .bind(root_agent)

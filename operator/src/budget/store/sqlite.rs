@@ -19,6 +19,7 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "attribution",
         include_str!("migrations/sqlite/0002_attribution.sql"),
     ),
+    (3, "calls", include_str!("migrations/sqlite/0003_calls.sql")),
 ];
 
 pub(super) const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
