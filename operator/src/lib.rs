@@ -8,6 +8,7 @@
 
 pub mod budget;
 pub mod cli;
+pub mod cluster;
 pub mod compile;
 pub mod distribute;
 pub mod identity;

@@ -72,6 +72,8 @@ enum Command {
         #[arg(long, default_value = "cluster.local", env = "RINGFENCE_TRUST_DOMAIN")]
         trust_domain: TrustDomain,
     },
+    /// Run the control plane in Kubernetes: controllers, CA, bundle and CSR server.
+    Operator(ringfence::cluster::OperatorOptions),
     /// Validate a folder of manifests offline; exits 1 when anything would be refused.
     Check {
         dir: PathBuf,
@@ -182,6 +184,13 @@ fn main() -> ExitCode {
                         runs::run(&ledger, command).await
                     })
                 });
+            exit(result)
+        }
+        Command::Operator(opts) => {
+            init_tracing();
+            let result = tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(ringfence::cluster::run(opts, shutdown_signal())));
             exit(result)
         }
         Command::Budget {

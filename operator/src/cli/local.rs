@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 use super::spawn::{self, SidecarLaunch, Sidecars};
 use crate::budget::service::BudgetService;
 use crate::budget::store::Store;
-use crate::compile::{self, LastGood, Placement, Settings};
-use crate::distribute::{self, Acks, ControlPlane, Publisher};
+use crate::compile::{Placement, Settings};
+use crate::distribute::{self, Acks, ControlPlane, Projection, Publisher};
 use crate::identity::Identity;
 use crate::source::folder::Folder;
 use crate::source::watch::FolderWatch;
@@ -43,8 +43,7 @@ pub struct Local {
     state: PathBuf,
     identity: Arc<Identity>,
     folder: Folder,
-    last_good: LastGood,
-    publisher: Publisher,
+    projection: Projection,
     acks: Arc<Acks>,
     /// Opened when serving starts (opening the store is async).
     budget: Option<Arc<BudgetService>>,
@@ -71,11 +70,17 @@ impl Local {
                 state.display()
             )
         })?;
+        let settings = Settings {
+            trust_domain: opts.trust_domain.clone(),
+            placement: Placement::Local,
+        };
         let mut local = Self {
             folder: Folder::new(&opts.dir),
-            publisher: Publisher::new(Some(state.join("bundle-versions.json"))),
+            projection: Projection::new(
+                settings,
+                Publisher::new(Some(state.join("bundle-versions.json"))),
+            ),
             identity: Arc::new(identity),
-            last_good: LastGood::default(),
             acks: Arc::new(Acks::default()),
             budget: None,
             state,
@@ -100,7 +105,8 @@ impl Local {
     pub fn control_plane(&self) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             identity: self.identity.clone(),
-            snapshots: self.publisher.subscribe(),
+            snapshots: self.projection.subscribe(),
+            attestor: None,
             acks: self.acks.clone(),
             budget: self.budget.clone(),
         })
@@ -116,32 +122,12 @@ impl Local {
         for f in &loaded.stale {
             tracing::warn!(file = %f.display(), "keeping the last good content of this file until it loads again");
         }
-        let settings = Settings {
-            trust_domain: self.opts.trust_domain.clone(),
-            placement: Placement::Local,
-        };
-        let compiled = compile::compile(&loaded.manifests, &settings, &self.last_good);
-        for d in &compiled.diagnostics {
-            if d.is_error() {
-                tracing::error!("{d}");
-            } else {
-                tracing::warn!("{d}");
-            }
-        }
-        let agents: Vec<AgentKey> = compiled.bundles.keys().cloned().collect();
+        let projected = self.projection.project(&loaded.manifests)?;
+        let agents: Vec<AgentKey> = projected.snapshot.bundles.keys().cloned().collect();
         self.identity
             .ensure_tokens(&agents)
             .context("cannot write bootstrap tokens")?;
-        self.last_good = compiled.last_good;
-        let changed = self
-            .publisher
-            .publish(compiled.bundles, compiled.diagnostics)?;
-        let snap = self.publisher.current();
-        for k in &changed {
-            if let Some(p) = snap.bundles.get(k) {
-                tracing::info!(agent = %k, version = p.bundle.version, hash = %p.bundle.hash, policies = p.bundle.content.policy.policies.len(), "bundle published");
-            }
-        }
+        let changed = projected.changed;
         tracing::info!(
             agents = agents.len(),
             changed = changed.len(),
@@ -154,7 +140,7 @@ impl Local {
     /// Which sidecars should run: one per agent whose manifest says where it listens.
     fn wanted_sidecars(&self, launch: &SidecarLaunch) -> BTreeMap<AgentKey, Vec<String>> {
         let loaded = Folder::new(&self.opts.dir).load();
-        let snap = self.publisher.current();
+        let snap = self.projection.current();
         loaded
             .manifests
             .agents
@@ -166,7 +152,7 @@ impl Local {
                 )
                 .ok()?;
                 snap.bundles.contains_key(&key).then_some(())?;
-                let args = spawn::sidecar_args(a, &key, launch, &self.identity.token_path(&key))?;
+                let args = spawn::sidecar_args(a, &key, launch, &self.identity.token_path(&key)?)?;
                 Some((key, args))
             })
             .collect()

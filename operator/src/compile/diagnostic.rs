@@ -60,6 +60,10 @@ pub struct Diagnostic {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub location: Option<Location>,
     pub message: String,
+    /// A warning about a reference that names nothing (yet), e.g. an Agent that does not exist:
+    /// the resource is used, and its `ResolvedRefs` condition says what is missing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unresolved: bool,
 }
 
 impl Diagnostic {
@@ -75,6 +79,7 @@ impl Diagnostic {
             field: field.into(),
             location: None,
             message: message.into(),
+            unresolved: false,
         }
     }
 
@@ -86,6 +91,18 @@ impl Diagnostic {
         Self {
             severity: Severity::Warning,
             ..Self::error(resource, field, message)
+        }
+    }
+
+    /// A warning that a reference names nothing yet: the resource is used meanwhile.
+    pub fn unresolved(
+        resource: &ResourceRef,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            unresolved: true,
+            ..Self::warning(resource, field, message)
         }
     }
 

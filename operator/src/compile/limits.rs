@@ -25,7 +25,7 @@ pub fn selections(
                 .iter()
                 .any(|a| a.metadata.name.as_deref() == Some(name))
             {
-                diags.push(Diagnostic::warning(&r, format!("spec.agents[{i}]"), format!(
+                diags.push(Diagnostic::unresolved(&r, format!("spec.agents[{i}]"), format!(
                     "no Agent named {name:?} in namespace {}; the budget applies to it once it exists",
                     r.namespace
                 )));

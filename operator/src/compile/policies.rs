@@ -186,7 +186,7 @@ fn edge_policies(
             return None;
         }
         if !known_agents.contains(name) {
-            diags.push(Diagnostic::warning(
+            diags.push(Diagnostic::unresolved(
                 resource,
                 format!("{field}.{list}[{i}]"),
                 format!(

@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use super::acks::Acks;
 use super::publish::Snapshot;
 use crate::budget::service::BudgetService;
-use crate::identity::{Identity, Proof};
+use crate::identity::{Identity, PodAttestor, Proof};
 
 /// The response body of every Ringfence HTTPS endpoint: whole JSON, or a stream of lines.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -47,6 +47,9 @@ pub struct ControlPlane {
     /// The budget service, when this control plane runs one (`ringfence local` does; in
     /// Kubernetes it is `ringfence budget`, a Deployment of its own).
     pub budget: Option<Arc<BudgetService>>,
+    /// Kubernetes: bearer tokens are projected ServiceAccount tokens, checked with TokenReview
+    /// and mapped to the pod's Agent. Absent (local mode): they are bootstrap tokens.
+    pub attestor: Option<Arc<PodAttestor>>,
 }
 
 /// Serves until `shutdown` completes; open connections are closed then.
@@ -219,13 +222,38 @@ async fn csr(cp: &ControlPlane, peer: Option<&SpiffeId>, req: Request<Incoming>)
             ),
         );
     }
+    let pod_agent;
     let proof = match (&token, peer) {
-        (Some(t), _) => Proof::BootstrapToken(t),
+        (Some(t), _) => match &cp.attestor {
+            None => Proof::BootstrapToken(t),
+            Some(attestor) => match attestor.attest(t).await {
+                Ok(agent) => {
+                    pod_agent = agent;
+                    Proof::Pod(&pod_agent)
+                }
+                Err(e) if e.is_refusal() => {
+                    tracing::warn!(agent = %body.agent, error = %e, "refused CSR");
+                    return error(
+                        StatusCode::FORBIDDEN,
+                        &format!("refused to issue an SVID for {}: {e}", body.agent),
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(agent = %body.agent, error = %e, "cannot check the ServiceAccount token");
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "the control plane cannot check ServiceAccount tokens right now: {e}"
+                        ),
+                    );
+                }
+            },
+        },
         (None, Some(id)) => Proof::Svid(id),
         (None, None) => {
             return error(
                 StatusCode::UNAUTHORIZED,
-                "prove who you are: send the bootstrap token as `Authorization: Bearer <token>`, or renew over mTLS with your current SVID",
+                "prove who you are: send the bootstrap token (local mode) or the pod's projected ServiceAccount token (Kubernetes) as `Authorization: Bearer <token>`, or renew over mTLS with your current SVID",
             );
         }
     };

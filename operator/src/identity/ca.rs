@@ -162,6 +162,47 @@ impl Ca {
         Ok(ca)
     }
 
+    /// Loads a CA handed over as PEM (a Kubernetes Secret, possibly written by cert-manager).
+    /// `origin` names where it came from, for error messages, e.g. `secret ringfence/ringfence-ca`.
+    pub fn from_pem(
+        key_pem: &str,
+        cert_pem: &str,
+        origin: &str,
+        trust_domain: TrustDomain,
+    ) -> Result<Self, CaError> {
+        let key_path = PathBuf::from(format!("{origin} (tls.key)"));
+        let cert_path = PathBuf::from(format!("{origin} (tls.crt)"));
+        let dir = PathBuf::from(origin);
+        let now = OffsetDateTime::now_utc();
+        let key = parse_key(key_pem, &key_path)?;
+        let ca = Self::load(
+            key,
+            &key_path,
+            cert_pem.to_owned(),
+            cert_path,
+            &dir,
+            trust_domain,
+            now,
+        )?;
+        ca.self_check(&dir, now)?;
+        Ok(ca)
+    }
+
+    /// Makes a new CA in memory; returns it with its key as PEM, for the caller to keep.
+    pub fn generate(trust_domain: TrustDomain, origin: &str) -> Result<(Self, String), CaError> {
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
+        let now = OffsetDateTime::now_utc();
+        let ca = Self::self_sign(
+            key,
+            trust_domain,
+            PathBuf::from(format!("{origin} (tls.crt)")),
+            now,
+        )?;
+        ca.self_check(Path::new(origin), now)?;
+        Ok((ca, key_pem))
+    }
+
     fn self_sign(
         key: KeyPair,
         trust_domain: TrustDomain,
@@ -537,6 +578,39 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let svid = ca.sign_svid(&key, &id, CA_VALIDITY * 2, now).unwrap();
         assert_eq!(svid.not_after, ca.not_after);
+    }
+
+    #[test]
+    fn a_generated_ca_loads_back_from_its_pem_and_verifies_its_svids() {
+        let (ca, key_pem) = Ca::generate(td(), "secret ringfence/ringfence-ca").unwrap();
+        let again = Ca::from_pem(
+            &key_pem,
+            ca.cert_pem(),
+            "secret ringfence/ringfence-ca",
+            td(),
+        )
+        .unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/default/agent/research").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let svid = ca
+            .sign_svid(
+                &KeyPair::generate().unwrap(),
+                &id,
+                Duration::from_secs(60),
+                now,
+            )
+            .unwrap();
+        again.verify(&svid, &id, now).unwrap();
+
+        let other = KeyPair::generate().unwrap().serialize_pem();
+        let err = Ca::from_pem(&other, ca.cert_pem(), "secret ringfence/ringfence-ca", td())
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("secret ringfence/ringfence-ca (tls.key)"),
+            "{err}"
+        );
     }
 
     #[test]

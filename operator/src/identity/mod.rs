@@ -8,6 +8,8 @@
 //! - `csr` — what a CSR may ask for.
 //! - `proof` — attestation: bootstrap tokens (local mode) and renewal with the current SVID.
 //! - `tokens` — the per-agent bootstrap tokens in `<state>/tokens/`.
+//! - `tokenreview` — Kubernetes: a projected ServiceAccount token checked with TokenReview, and
+//!   the pod it is bound to mapped to its Agent.
 //! - `files` — owner-only files written atomically.
 //!
 //! [`Identity`] ties them together for the control plane's HTTP server; the TLS verifiers that
@@ -17,6 +19,7 @@ mod ca;
 mod csr;
 mod files;
 mod proof;
+pub mod tokenreview;
 mod tokens;
 
 #[cfg(test)]
@@ -36,6 +39,7 @@ use time::OffsetDateTime;
 pub use ca::CaError;
 pub use csr::CsrError;
 pub use proof::{Proof, ProofError};
+pub use tokenreview::{AgentDirectory, PodAttestor, PodProofError};
 pub use tokens::TokenError;
 
 use ca::Ca;
@@ -75,6 +79,10 @@ pub enum IdentityError {
         "the SVID lifetime {0:?} is out of range: use between 1 minute and 365 days (default 24h)"
     )]
     SvidTtl(Duration),
+    #[error(
+        "this control plane keeps no bootstrap tokens (in Kubernetes, sidecars prove themselves with a ServiceAccount token)"
+    )]
+    NoBootstrapTokens,
     #[error("the control plane's serving certificate needs at least one DNS name or IP address")]
     NoServingNames,
     #[error("cannot build the control plane's TLS configuration: {0}")]
@@ -101,7 +109,8 @@ impl IdentityError {
 /// The control plane's identity service: the trust domain's CA plus the proofs it accepts.
 pub struct Identity {
     ca: Ca,
-    tokens: Tokens,
+    /// Bootstrap tokens: local mode only. In Kubernetes, pods prove themselves with TokenReview.
+    tokens: Option<Tokens>,
     svid_ttl: Duration,
 }
 
@@ -113,14 +122,48 @@ impl Identity {
         trust_domain: TrustDomain,
         svid_ttl: Duration,
     ) -> Result<Self, IdentityError> {
-        if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&svid_ttl) {
-            return Err(IdentityError::SvidTtl(svid_ttl));
-        }
+        check_ttl(svid_ttl)?;
         Ok(Self {
             ca: Ca::load_or_create(state_dir, trust_domain)?,
-            tokens: Tokens::new(state_dir),
+            tokens: Some(Tokens::new(state_dir)),
             svid_ttl,
         })
+    }
+
+    /// An identity service over a CA handed over as PEM (Kubernetes: the CA Secret). It takes no
+    /// bootstrap tokens; `origin` names the CA's source in error messages.
+    pub fn from_ca_pem(
+        key_pem: &str,
+        cert_pem: &str,
+        origin: &str,
+        trust_domain: TrustDomain,
+        svid_ttl: Duration,
+    ) -> Result<Self, IdentityError> {
+        check_ttl(svid_ttl)?;
+        Ok(Self {
+            ca: Ca::from_pem(key_pem, cert_pem, origin, trust_domain)?,
+            tokens: None,
+            svid_ttl,
+        })
+    }
+
+    /// A new CA made in memory; returns the identity service and the CA key as PEM, for the
+    /// caller to store (with [`Identity::trust_bundle_pem`] as its certificate).
+    pub fn generate(
+        trust_domain: TrustDomain,
+        origin: &str,
+        svid_ttl: Duration,
+    ) -> Result<(Self, String), IdentityError> {
+        check_ttl(svid_ttl)?;
+        let (ca, key_pem) = Ca::generate(trust_domain, origin)?;
+        Ok((
+            Self {
+                ca,
+                tokens: None,
+                svid_ttl,
+            },
+            key_pem,
+        ))
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -143,12 +186,16 @@ impl Identity {
             .iter()
             .map(revalidated)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.tokens.ensure(&agents)?)
+        match &self.tokens {
+            Some(tokens) => Ok(tokens.ensure(&agents)?),
+            None => Err(IdentityError::NoBootstrapTokens),
+        }
     }
 
-    /// Where `agent`'s bootstrap token is kept. The key must be a valid one (`AgentKey::new`).
-    pub fn token_path(&self, agent: &AgentKey) -> PathBuf {
-        self.tokens.path(agent)
+    /// Where `agent`'s bootstrap token is kept (local mode). The key must be a valid one
+    /// (`AgentKey::new`).
+    pub fn token_path(&self, agent: &AgentKey) -> Option<PathBuf> {
+        self.tokens.as_ref().map(|t| t.path(agent))
     }
 
     /// Checks that `proof` names `req.agent`, that the CSR asks for that identity or none, and
@@ -166,9 +213,11 @@ impl Identity {
         let agent = revalidated(&req.agent)?;
         let id = SpiffeId::new(self.trust_domain().clone(), agent.clone());
         // Proof before parsing: an unauthenticated caller gets no work out of the CA.
-        proof::attest(proof, &id, &self.tokens).map_err(|reason| IdentityError::Unproven {
-            agent: agent.clone(),
-            reason: Box::new(reason),
+        proof::attest(proof, &id, self.tokens.as_ref()).map_err(|reason| {
+            IdentityError::Unproven {
+                agent: agent.clone(),
+                reason: Box::new(reason),
+            }
         })?;
         let public_key =
             csr::checked_public_key(&req.csr, &id).map_err(|reason| IdentityError::Csr {
@@ -211,6 +260,14 @@ impl Identity {
             vec![issued.der],
             key_der,
         )?)
+    }
+}
+
+fn check_ttl(svid_ttl: Duration) -> Result<(), IdentityError> {
+    if (MIN_SVID_TTL..=MAX_SVID_TTL).contains(&svid_ttl) {
+        Ok(())
+    } else {
+        Err(IdentityError::SvidTtl(svid_ttl))
     }
 }
 

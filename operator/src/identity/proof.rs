@@ -1,10 +1,10 @@
 //! Attestation: how a sidecar proves which agent it speaks for before the CA signs its CSR.
 //!
-//! Each kind of proof is a variant here and one arm in [`attest`]. The Kubernetes proof (a
-//! projected ServiceAccount token checked with TokenReview, plus the pod's Agent match) joins as
-//! another variant; it needs the API server, so it will come with its own seam and test double.
+//! Each kind of proof is a variant here and one arm in [`attest`]. The Kubernetes proof needs the
+//! API server, so it is established before (`super::tokenreview`) and arrives here as the agent
+//! the cluster vouched for.
 
-use ringfence_crds::SpiffeId;
+use ringfence_crds::{AgentKey, SpiffeId};
 
 use super::tokens::{TokenError, Tokens};
 
@@ -16,6 +16,9 @@ pub enum Proof<'a> {
     /// Renewal: the identity in the caller's client certificate, already verified by the TLS
     /// handshake (`ringfence_crds::svid::peer_spiffe_id`).
     Svid(&'a SpiffeId),
+    /// Kubernetes: the caller's ServiceAccount token passed TokenReview, and the pod it is bound
+    /// to runs this agent (`super::tokenreview::PodAttestor`).
+    Pod(&'a AgentKey),
 }
 
 /// Why a proof does not prove the agent a request is for.
@@ -31,16 +34,35 @@ pub enum ProofError {
         presented: Box<SpiffeId>,
         asked: Box<SpiffeId>,
     },
+    #[error(
+        "the caller's pod runs Agent {pod_agent}, not {asked}: a pod gets the SVID of its own agent only (check the pod's ringfence.dev/agent annotation and the sidecar's --agent)"
+    )]
+    OtherAgent {
+        pod_agent: Box<AgentKey>,
+        asked: Box<AgentKey>,
+    },
+    #[error(
+        "this control plane takes no bootstrap tokens: in Kubernetes, send the pod's projected ServiceAccount token (audience ringfence)"
+    )]
+    NoBootstrapTokens,
 }
 
 /// Checks that `proof` proves `asked`.
 pub(super) fn attest(
     proof: Proof<'_>,
     asked: &SpiffeId,
-    tokens: &Tokens,
+    tokens: Option<&Tokens>,
 ) -> Result<(), ProofError> {
     match proof {
-        Proof::BootstrapToken(token) => Ok(tokens.verify(asked.agent(), token)?),
+        Proof::BootstrapToken(token) => match tokens {
+            Some(tokens) => Ok(tokens.verify(asked.agent(), token)?),
+            None => Err(ProofError::NoBootstrapTokens),
+        },
+        Proof::Pod(agent) if agent == asked.agent() => Ok(()),
+        Proof::Pod(agent) => Err(ProofError::OtherAgent {
+            pod_agent: Box::new(agent.clone()),
+            asked: Box::new(asked.agent().clone()),
+        }),
         Proof::Svid(presented) if presented == asked => Ok(()),
         Proof::Svid(presented) => Err(ProofError::OtherSvid {
             presented: Box::new(presented.clone()),

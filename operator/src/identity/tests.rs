@@ -32,7 +32,7 @@ fn identity_in(dir: &Path, trust_domain: &str) -> Identity {
 
 fn token_of(identity: &Identity, name: &str) -> String {
     identity.ensure_tokens(&[agent(name)]).unwrap();
-    std::fs::read_to_string(identity.token_path(&agent(name))).unwrap()
+    std::fs::read_to_string(identity.token_path(&agent(name)).unwrap()).unwrap()
 }
 
 fn csr(sans: Vec<SanType>) -> (KeyPair, String) {

@@ -57,7 +57,8 @@ impl Trust {
         self.identity
             .ensure_tokens(std::slice::from_ref(&agent))
             .expect("a bootstrap token");
-        let token = std::fs::read_to_string(self.identity.token_path(&agent)).expect("the token");
+        let token = std::fs::read_to_string(self.identity.token_path(&agent).expect("local mode"))
+            .expect("the token");
         let key = KeyPair::generate().expect("a key");
         let csr = CertificateParams::default()
             .serialize_request(&key)
