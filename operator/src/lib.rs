@@ -12,3 +12,4 @@ pub mod compile;
 pub mod distribute;
 pub mod identity;
 pub mod source;
+pub mod webhook;

@@ -9,6 +9,8 @@
 //! - `proof` — attestation: bootstrap tokens (local mode) and renewal with the current SVID.
 //! - `tokens` — the per-agent bootstrap tokens in `<state>/tokens/`.
 //! - `files` — owner-only files written atomically.
+//! - `serving` — serving certificates as key material, for endpoints that rotate their own
+//!   (the admission webhook).
 //!
 //! [`Identity`] ties them together for the control plane's HTTP server; the TLS verifiers that
 //! check SVIDs on every connection live in `ringfence_crds::svid`, shared with the sidecar.
@@ -17,6 +19,7 @@ mod ca;
 mod csr;
 mod files;
 mod proof;
+mod serving;
 mod tokens;
 
 #[cfg(test)]
@@ -36,6 +39,7 @@ use time::OffsetDateTime;
 pub use ca::CaError;
 pub use csr::CsrError;
 pub use proof::{Proof, ProofError};
+pub use serving::ServingCert;
 pub use tokens::TokenError;
 
 use ca::Ca;
