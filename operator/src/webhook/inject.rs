@@ -110,11 +110,22 @@ pub enum InjectError {
     HostNetwork,
 }
 
-/// Whether a pod is to get the sidecar, and why (for logs).
+/// Whether a pod is to get the sidecar, and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Inject(&'static str),
+    Inject(OptIn),
+    /// Not injected, for this reason (logged).
     Skip(&'static str),
+}
+
+/// Who asked for the sidecar: it decides what happens to a pod that runs no Agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptIn {
+    /// The pod itself: one that names no Agent is refused, since it asked for what cannot be.
+    Pod,
+    /// Its namespace: a pod that matches no Agent (a database, a job) is admitted without a
+    /// sidecar, with a warning; it still cannot reach any agent, whose sidecars demand mTLS.
+    Namespace,
 }
 
 /// Why a pod that says nothing, in a namespace that says nothing, is skipped.
@@ -139,7 +150,7 @@ pub fn decide(
         .or_else(|| said(&meta.annotations))
         .map(String::as_str)
     {
-        Some("true") => return Decision::Inject("pod opted in"),
+        Some("true") => return Decision::Inject(OptIn::Pod),
         Some("false") => return Decision::Skip("pod opted out"),
         _ => {}
     }
@@ -148,7 +159,7 @@ pub fn decide(
         .map(String::as_str)
         == Some(NAMESPACE_ENABLED)
     {
-        return Decision::Inject("namespace opted in");
+        return Decision::Inject(OptIn::Namespace);
     }
     Decision::Skip(NOT_OPTED_IN)
 }

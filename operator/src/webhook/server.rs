@@ -89,12 +89,12 @@ impl<V: ClusterView> Webhook<V> {
             Ok(d) => d,
             Err(e) => return resp.deny(e),
         };
-        let reason = match decision {
+        let opt_in = match decision {
             Decision::Skip(reason) => {
                 tracing::debug!(pod = %who, %namespace, reason, "not injected");
                 return resp;
             }
-            Decision::Inject(reason) => reason,
+            Decision::Inject(opt_in) => opt_in,
         };
         let agents = match self.view.agents(&namespace).await {
             Ok(a) => a,
@@ -105,10 +105,16 @@ impl<V: ClusterView> Webhook<V> {
         match patch {
             Ok(p) if p.0.is_empty() => resp,
             Ok(p) => {
-                tracing::info!(pod = %who, %namespace, reason, operations = p.0.len(), "injecting the sidecar");
+                tracing::info!(pod = %who, %namespace, ?opt_in, operations = p.0.len(), "injecting the sidecar");
                 resp.with_patch(p).unwrap_or_else(|e| {
                     AdmissionResponse::invalid(format!("cannot encode the injection patch: {e}"))
                 })
+            }
+            Err(e @ inject::InjectError::NoAgent { .. }) if opt_in == inject::OptIn::Namespace => {
+                tracing::debug!(pod = %who, %namespace, "namespace opted in, but the pod runs no Agent");
+                let mut resp = resp;
+                resp.warnings = Some(vec![format!("not injected with a Ringfence sidecar: {e}")]);
+                resp
             }
             Err(e) => {
                 tracing::info!(pod = %who, %namespace, error = %e, "refused an opted-in pod");

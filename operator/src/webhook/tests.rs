@@ -434,6 +434,34 @@ async fn a_namespace_label_opts_in_a_pod_whose_agent_is_found_by_selector() {
 }
 
 #[tokio::test]
+async fn in_an_opted_in_namespace_a_pod_that_runs_no_agent_is_admitted_with_a_warning() {
+    let h = start(true).await;
+    let redis = deployment_pod(json!({"app": "redis"}), json!({}));
+    let (response, patched) = h.admit_pod("team-b", &redis).await;
+    assert_eq!(response["allowed"], true, "{response}");
+    assert!(response["patch"].is_null());
+    assert_eq!(patched, redis);
+    let warning = response["warnings"][0].as_str().unwrap();
+    assert!(warning.contains("names no Agent"), "{warning}");
+}
+
+#[tokio::test]
+async fn a_pod_that_opts_in_itself_but_runs_no_agent_is_refused() {
+    let h = start(true).await;
+    let pod = deployment_pod(
+        json!({"app": "redis", "ringfence.dev/inject": "true"}),
+        json!({}),
+    );
+    let (response, _) = h.admit_pod("team-a", &pod).await;
+    assert_eq!(response["allowed"], false, "{response}");
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("annotate it with ringfence.dev/agent"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn an_opted_in_pod_whose_agent_does_not_exist_is_refused_with_what_to_do() {
     let h = start(true).await;
     let pod = deployment_pod(
