@@ -532,6 +532,45 @@ async fn the_serving_certificate_rotates_without_a_restart() {
 }
 
 #[tokio::test]
+async fn a_certificate_due_for_renewal_is_replaced_and_published() {
+    let h = start(true).await;
+    let names = serving_names("ringfence-webhook", "ringfence-system");
+    let mut served = h.certs.subscribe();
+    let before = served.borrow().cert[0].clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let due = time::OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    let renewer = tokio::spawn(certs::renew(
+        h.identity.clone(),
+        names,
+        due,
+        h.certs.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    served.changed().await.unwrap();
+    assert_ne!(
+        served.borrow().cert[0],
+        before,
+        "a new certificate was published"
+    );
+    let (status, _, now_served) = h
+        .post(
+            "/inject",
+            &review("team-a", "pods", &deployment_pod(json!({}), json!({}))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        now_served,
+        served.borrow().cert[0],
+        "and the next handshake serves it"
+    );
+    stop.send(()).unwrap();
+    renewer.await.unwrap();
+}
+
+#[tokio::test]
 async fn garbage_is_a_400_not_a_decision() {
     let h = start(true).await;
     let (status, _, _) = h.post("/inject", &json!({"hello": "world"})).await;
