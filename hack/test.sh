@@ -3,7 +3,7 @@
 #
 # It installs what the tests need on a fresh machine, then runs: formatting, clippy with
 # warnings as errors, every Rust test (unit, integration, end-to-end on loopback) and an
-# offline check of the example manifests.
+# offline check of the example manifests, and the Helm chart rendered and validated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +34,9 @@ cargo run --quiet --locked -p ringfence -- check examples/incident
 
 step "Python peers for the end-to-end tests (pinned, in e2e/.venv)"
 bash hack/python-peers.sh
+
+step "Helm chart: lint, render, validate (hack/chart-check.sh: helm + kubernetes-validate --strict)"
+bash hack/chart-check.sh
 
 # Last, so its summary line closes the output.
 step "tests (cargo nextest run --workspace)"

@@ -62,4 +62,23 @@ mod tests {
              (or `cargo run -p ringfence -- crds > {path}`) and commit the result"
         );
     }
+
+    /// `helm install` applies the chart's copy; it must be the generated one, byte for byte.
+    #[test]
+    fn the_helm_chart_ships_the_generated_crds() {
+        let chart = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/ringfence/crds/ringfence.dev.yaml"
+        );
+        let generated = super::crd_yaml().unwrap();
+        if std::env::var_os("RINGFENCE_BLESS").is_some() {
+            std::fs::write(chart, &generated).unwrap();
+        }
+        let shipped = std::fs::read_to_string(chart).unwrap_or_default();
+        assert!(
+            shipped == generated,
+            "{chart} differs from the CRD types: run `RINGFENCE_BLESS=1 cargo test -p ringfence-crds` \
+             (or `cp crds/yaml/ringfence.dev.yaml charts/ringfence/crds/`) and commit the result"
+        );
+    }
 }

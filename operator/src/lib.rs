@@ -14,3 +14,4 @@ pub mod distribute;
 pub mod identity;
 pub mod runs;
 pub mod source;
+pub mod webhook;

@@ -73,7 +73,22 @@ enum Command {
         trust_domain: TrustDomain,
     },
     /// Run the control plane in Kubernetes: controllers, CA, bundle and CSR server.
-    Operator(ringfence::cluster::OperatorOptions),
+    Operator(Box<ringfence::cluster::OperatorOptions>),
+    /// Run the admission webhooks alone: sidecar injection and AgentPolicy validation
+    /// (`ringfence operator` runs them too).
+    Webhook {
+        /// The state folder holding the trust domain's CA (`ca/cert.pem`, `ca/key.pem`; in the
+        /// cluster, the CA Secret mounted there), which signs the webhook's serving certificate.
+        #[arg(long)]
+        state: PathBuf,
+        /// The namespace the webhook runs in: its Service's DNS names, and never injected.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "ringfence-system")]
+        namespace: String,
+        #[arg(long, default_value = "cluster.local", env = "RINGFENCE_TRUST_DOMAIN")]
+        trust_domain: TrustDomain,
+        #[command(flatten)]
+        webhook: Box<ringfence::webhook::WebhookOptions>,
+    },
     /// Validate a folder of manifests offline; exits 1 when anything would be refused.
     Check {
         dir: PathBuf,
@@ -190,7 +205,21 @@ fn main() -> ExitCode {
             init_tracing();
             let result = tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(ringfence::cluster::run(opts, shutdown_signal())));
+                .and_then(|rt| rt.block_on(ringfence::cluster::run(*opts, shutdown_signal())));
+            exit(result)
+        }
+        Command::Webhook {
+            state,
+            namespace,
+            trust_domain,
+            webhook,
+        } => {
+            init_tracing();
+            let result = tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(serve_webhook(state, namespace, trust_domain, *webhook))
+                });
             exit(result)
         }
         Command::Budget {
@@ -219,6 +248,40 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `ringfence webhook`: the admission webhooks alone, with a serving certificate from the CA in
+/// `state`.
+async fn serve_webhook(
+    state: PathBuf,
+    namespace: String,
+    trust_domain: TrustDomain,
+    options: ringfence::webhook::WebhookOptions,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use ringfence::identity::Identity;
+
+    // A CA made here would be one the sidecars and the API server never hear of.
+    let ca = state.join("ca").join("cert.pem");
+    anyhow::ensure!(
+        ca.is_file(),
+        "no CA at {}: point --state at a folder whose ca/ holds the CA Secret's cert.pem and key.pem",
+        ca.display()
+    );
+    let identity = Identity::load_or_create(&state, trust_domain, Duration::from_secs(24 * 3600))
+        .with_context(|| format!("cannot load the CA in {}", state.display()))?;
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    ringfence::webhook::run(
+        options,
+        namespace,
+        client,
+        std::sync::Arc::new(identity),
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
 }
 
 /// `ringfence budget`: the budget service alone, with a serving certificate from the CA in

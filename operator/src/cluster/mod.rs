@@ -74,6 +74,10 @@ pub struct OperatorOptions {
     /// This replica's name in the Lease and in Events [default: the host name].
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// The admission webhooks (sidecar injection, AgentPolicy validation), served by every
+    /// replica with a certificate from the trust domain's CA.
+    #[command(flatten)]
+    pub webhook: crate::webhook::WebhookOptions,
 }
 
 impl OperatorOptions {
@@ -159,6 +163,17 @@ pub async fn run(opts: OperatorOptions, shutdown: impl Future<Output = ()>) -> a
         std::future::pending(),
     ));
     tasks.spawn(health::serve(metrics, health.clone()));
+    {
+        let (opts, namespace) = (opts.webhook.clone(), opts.namespace.clone());
+        let (client, identity) = (client.clone(), identity.clone());
+        tasks.spawn(async move {
+            if let Err(e) =
+                crate::webhook::run(opts, namespace, client, identity, std::future::pending()).await
+            {
+                tracing::error!(error = %e, "the admission webhook stopped");
+            }
+        });
+    }
     tasks.spawn(project_loop(
         client.clone(),
         index,

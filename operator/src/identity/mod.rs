@@ -11,6 +11,8 @@
 //! - `tokenreview` — Kubernetes: a projected ServiceAccount token checked with TokenReview, and
 //!   the pod it is bound to mapped to its Agent.
 //! - `files` — owner-only files written atomically.
+//! - `serving` — serving certificates as key material, for endpoints that rotate their own
+//!   (the admission webhook).
 //!
 //! [`Identity`] ties them together for the control plane's HTTP server; the TLS verifiers that
 //! check SVIDs on every connection live in `ringfence_crds::svid`, shared with the sidecar.
@@ -19,6 +21,7 @@ mod ca;
 mod csr;
 mod files;
 mod proof;
+mod serving;
 pub mod tokenreview;
 mod tokens;
 
@@ -39,6 +42,7 @@ use time::OffsetDateTime;
 pub use ca::CaError;
 pub use csr::CsrError;
 pub use proof::{Proof, ProofError};
+pub use serving::ServingCert;
 pub use tokenreview::{AgentDirectory, PodAttestor, PodProofError};
 pub use tokens::TokenError;
 
