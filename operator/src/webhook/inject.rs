@@ -243,6 +243,21 @@ pub fn patch(
     }
 
     let mut ops = Vec::new();
+    // The Agent's Service selects its pods by this label when the Agent has no selector of its
+    // own (the operator's reconciler), so a pod named by annotation carries it too.
+    let labels = pod.metadata.labels.as_ref();
+    if labels.and_then(|l| l.get(AGENT)) != Some(&agent_name) {
+        ops.push(PatchOperation::Add(match labels {
+            Some(_) => AddOperation {
+                path: pointer(&["metadata", "labels", AGENT]),
+                value: Value::String(agent_name.clone()),
+            },
+            None => AddOperation {
+                path: pointer(&["metadata", "labels"]),
+                value: serde_json::json!({ AGENT: agent_name }),
+            },
+        }));
+    }
     let has_sidecar = spec
         .containers
         .iter()

@@ -307,6 +307,10 @@ async fn an_opted_in_pod_gets_one_native_sidecar_its_token_and_env_and_a_second_
     let sidecars = containers_named(&patched, "initContainers", SIDECAR);
     assert_eq!(sidecars.len(), 1, "exactly one sidecar: {patched:#}");
     assert!(containers_named(&patched, "containers", SIDECAR).is_empty());
+    assert_eq!(
+        patched["metadata"]["labels"]["ringfence.dev/agent"], "research",
+        "the label the Agent's Service selects by"
+    );
     let sidecar = sidecars[0];
     assert_eq!(sidecar["restartPolicy"], "Always", "a native sidecar");
     assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/readyz");
