@@ -739,3 +739,101 @@ impl Drop for PgSchema {
         }
     }
 }
+
+fn ledger_call(run: &str, span: &str, caller: &str, callee: &str) -> api::CallEvent {
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    api::CallEvent {
+        event_id: format!("{trace}-{span}"),
+        run_id: run.to_owned(),
+        trace_id: trace.to_owned(),
+        span_id: span.to_owned(),
+        parent_call: None,
+        root: "orchestrator".to_owned(),
+        user: "user:ada".to_owned(),
+        caller: caller.to_owned(),
+        callee: callee.to_owned(),
+        kind: api::CallKind::Agent,
+        operation: Some("SendMessage".to_owned()),
+        decision: api::Decision::Allowed,
+        rule: None,
+        depth: 1,
+        cycle: false,
+        tainted: false,
+        latency_us: 900,
+        tokens_in: 0,
+        tokens_out: 0,
+        micros: 0,
+        at_ms: 1_000,
+        status: Some(200),
+    }
+}
+
+#[tokio::test]
+async fn calls_reach_the_ledger_only_as_the_agent_of_the_reporting_svid_and_once() {
+    let trust = Trust::new();
+    let orchestrator = trust.svid("orchestrator");
+    let (_dir, store) = sqlite_store().await;
+    let budget = Budget::start(&trust, store).await;
+    let run = new_run();
+    let report = |calls| to_json(&api::CallReport { calls });
+
+    // research's sidecar cannot put words in the orchestrator's mouth.
+    let forged = vec![ledger_call(&run, "00000000000000b1", "research", "writer")];
+    let (status, body) = budget
+        .call(
+            Some(&orchestrator),
+            Method::POST,
+            api::CALLS_PATH,
+            report(forged),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(message.contains("its own agent's calls only"), "{message}");
+    let (status, _) = budget
+        .call(None, Method::POST, api::CALLS_PATH, report(vec![]))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let calls = vec![ledger_call(
+        &run,
+        "00000000000000a1",
+        "orchestrator",
+        "research",
+    )];
+    for expected in [(1, 0), (0, 1)] {
+        let (status, body) = budget
+            .call(
+                Some(&orchestrator),
+                Method::POST,
+                api::CALLS_PATH,
+                report(calls.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let ack: api::CallAck = serde_json::from_value(body).unwrap();
+        assert_eq!((ack.accepted, ack.duplicates), expected);
+    }
+    // A run no budget opened is in the ledger all the same, with its root and user.
+    let detail = budget.run(&run).await;
+    assert_eq!(detail["rootAgent"], "orchestrator");
+    assert_eq!(detail["user"], "user:ada");
+    assert_eq!(detail["calls"][0]["callee"], "research");
+    assert_eq!(detail["edges"][0]["calls"], 1);
+    assert_eq!(detail["limits"]["maxTokens"], Value::Null);
+
+    // The first lease of that run brings its terms, and they hold.
+    budget
+        .lease(&orchestrator, &run, &terms(Some(500), OnBreach::Halt), 100)
+        .await;
+    assert_eq!(budget.run(&run).await["limits"]["maxTokens"], 500);
+    budget
+        .lease(
+            &orchestrator,
+            &run,
+            &terms(Some(9_999), OnBreach::Halt),
+            100,
+        )
+        .await;
+    assert_eq!(budget.run(&run).await["limits"]["maxTokens"], 500);
+}
