@@ -205,6 +205,12 @@ impl Local {
             self.state.join("tokens").display()
         );
 
+        // A database URL may hold a password: name it, do not print it.
+        let ledger = match &self.opts.database {
+            Some(_) => "<the --database value>".to_owned(),
+            None => self.state.join("budget.db").display().to_string(),
+        };
+        tracing::info!("run ledger: ringfence runs --database {ledger} list");
         let mut watch = FolderWatch::new(&self.opts.dir)?;
         tracing::info!("watching {} for changes", self.opts.dir.display());
         let launch = SidecarLaunch {
