@@ -4,7 +4,9 @@
 
 pub mod certs;
 pub mod llm;
+pub mod local;
 pub mod mesh;
+pub mod peers;
 
 pub use certs::{
     expired_creds, foreign_trust_domain_creds, hop_context, mtls_post, self_signed_creds,
