@@ -10,6 +10,8 @@ program plays every agent of the tests:
   ask-dropping-context:<agent>  the same, without the context (the bug Ringfence refuses)
   tool:<server>/<tool>          call an MCP tool through the sidecar with the MCP SDK's client,
                                 forwarding the context
+  model:<provider>              ask a model through the sidecar's /models/<provider>/ route with
+                                the OpenAI client, holding no key, forwarding the context
 
 It answers with a task: a "working" status, then one artifact holding a JSON report of what it
 got and what each step did (an answer, or the error the SDK raised with the sidecar's refusal).
@@ -26,6 +28,7 @@ import sys
 from typing import Any
 
 import httpx2
+import openai
 import uvicorn
 from a2a.client import ClientConfig, create_client
 from a2a.helpers import (
@@ -97,6 +100,30 @@ async def call_tool(outbound: str, server: str, tool: str, run: RunContext) -> d
         return {"ok": not result.is_error, "answer": text}
 
 
+async def ask_model(outbound: str, provider: str, text: str, run: RunContext) -> dict[str, Any]:
+    """One chat completion through the mesh with the OpenAI client; the sidecar holds the key."""
+    hooks = {"request": [run.on_request], "response": [run.on_response]}
+    http = httpx2.AsyncClient(event_hooks=hooks)
+    client = openai.AsyncOpenAI(
+        base_url=f"http://{outbound}/models/{provider}/v1",
+        api_key="agent-has-no-key",
+        http_client=http,
+        # A retry would be a second call through the sidecar, counted twice.
+        max_retries=0,
+        timeout=30.0,
+    )
+    async with client:
+        try:
+            completion = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+            )
+        except openai.APIStatusError as e:
+            return {"ok": False, "error": {"type": type(e).__name__, "status": e.status_code}}
+    usage = completion.usage
+    counted = {"input": usage.prompt_tokens, "output": usage.completion_tokens} if usage else None
+    return {"ok": True, "answer": completion.choices[0].message.content, "usage": counted}
+
+
 class StepsExecutor(AgentExecutor):
     """Runs the configured steps for every message and reports what happened."""
 
@@ -135,6 +162,8 @@ class StepsExecutor(AgentExecutor):
             elif kind == "tool":
                 server, _, tool = target.partition("/")
                 done = await call_tool(self.outbound, server, tool, run)
+            elif kind == "model":
+                done = await ask_model(self.outbound, target, text, run)
             else:
                 done = {"ok": False, "error": {"message": f"unknown step {step!r}"}}
             report["steps"].append({"step": step, **done})
@@ -167,7 +196,9 @@ def main() -> None:
         default_input_modes=["text/plain"],
         default_output_modes=["application/json"],
         capabilities=AgentCapabilities(streaming=True),
-        supported_interfaces=[AgentInterface(protocol_binding=args.binding, url=url)],
+        supported_interfaces=[
+            AgentInterface(protocol_binding=args.binding, url=url, protocol_version="1.0")
+        ],
         skills=[
             AgentSkill(
                 id="steps",
