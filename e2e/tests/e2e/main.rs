@@ -7,4 +7,5 @@ mod incident_sdk;
 mod local_mode;
 mod mcp_sdk;
 mod openai_client;
+mod python_peers;
 mod rotation;
