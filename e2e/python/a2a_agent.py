@@ -17,7 +17,10 @@ It answers with a task: a "working" status, then one artifact holding a JSON rep
 got and what each step did (an answer, or the error the SDK raised with the sidecar's refusal).
 
 Usage: a2a_agent.py --name NAME --port PORT --outbound HOST:PORT [--binding JSONRPC|HTTP+JSON]
-                    [--step STEP]...
+                    [--protocol-version 1.0|0.3] [--step STEP]...
+
+With --protocol-version 0.3 its card offers A2A 0.3 and the SDK serves 0.3 beside 1.0 (the SDK's
+client then speaks 0.3 to it: `message/send` instead of `SendMessage`).
 """
 
 from __future__ import annotations
@@ -184,6 +187,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--outbound", required=True, help="the sidecar's outbound listener")
     parser.add_argument("--binding", default="JSONRPC", choices=["JSONRPC", "HTTP+JSON"])
+    parser.add_argument("--protocol-version", default="1.0", choices=["1.0", "0.3"])
     parser.add_argument("--step", action="append", default=[])
     args = parser.parse_args()
 
@@ -197,7 +201,9 @@ def main() -> None:
         default_output_modes=["application/json"],
         capabilities=AgentCapabilities(streaming=True),
         supported_interfaces=[
-            AgentInterface(protocol_binding=args.binding, url=url, protocol_version="1.0")
+            AgentInterface(
+                protocol_binding=args.binding, url=url, protocol_version=args.protocol_version
+            )
         ],
         skills=[
             AgentSkill(
@@ -214,10 +220,11 @@ def main() -> None:
         agent_card=card,
     )
     routes = list(create_agent_card_routes(card))
+    compat = args.protocol_version == "0.3"
     if args.binding == "JSONRPC":
-        routes += create_jsonrpc_routes(handler, "/a2a")
+        routes += create_jsonrpc_routes(handler, "/a2a", enable_v0_3_compat=compat)
     else:
-        routes += create_rest_routes(handler, path_prefix="/a2a")
+        routes += create_rest_routes(handler, path_prefix="/a2a", enable_v0_3_compat=compat)
     uvicorn.run(Starlette(routes=routes), host="127.0.0.1", port=args.port, log_level="warning")
 
 

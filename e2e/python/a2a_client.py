@@ -69,7 +69,11 @@ async def main() -> None:
                                 "ok": True,
                                 "name": card.name,
                                 "interfaces": [
-                                    {"url": i.url, "binding": i.protocol_binding}
+                                    {
+                                        "url": i.url,
+                                        "binding": i.protocol_binding,
+                                        "version": i.protocol_version,
+                                    }
                                     for i in card.supported_interfaces
                                 ],
                             }

@@ -93,9 +93,20 @@ pub async fn run(program: &str, args: &[String]) -> Vec<serde_json::Value> {
 }
 
 /// Starts `e2e/python/a2a_agent.py` as the agent `ports` describes: an A2A SDK agent on its app
-/// address serving `binding` (`JSONRPC` or `HTTP+JSON`), calling out through its sidecar, and
-/// running `steps` on every message (see the program's help). Returns once it listens.
+/// address serving `binding` (`JSONRPC` or `HTTP+JSON`) in A2A 1.0, calling out through its
+/// sidecar, and running `steps` on every message (see the program's help). Returns once it
+/// listens.
 pub async fn a2a_agent(ports: &crate::AgentPorts, binding: &str, steps: &[&str]) -> Proc {
+    a2a_agent_speaking(ports, binding, "1.0", steps).await
+}
+
+/// [`a2a_agent`] offering A2A `version` (`1.0`, or `0.3` beside 1.0) in its card.
+pub async fn a2a_agent_speaking(
+    ports: &crate::AgentPorts,
+    binding: &str,
+    version: &str,
+    steps: &[&str],
+) -> Proc {
     let mut args = vec![
         "--name".to_owned(),
         ports.name.clone(),
@@ -105,6 +116,8 @@ pub async fn a2a_agent(ports: &crate::AgentPorts, binding: &str, steps: &[&str])
         ports.outbound.to_string(),
         "--binding".to_owned(),
         binding.to_owned(),
+        "--protocol-version".to_owned(),
+        version.to_owned(),
     ];
     for s in steps {
         args.push("--step".to_owned());

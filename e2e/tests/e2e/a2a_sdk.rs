@@ -1,7 +1,7 @@
 //! Agents and clients no one here wrote: the official A2A Python SDK (a2a-sdk), unmodified,
 //! behind real sidecars spawned by `ringfence local`. The SDK's client discovers an agent
-//! through the mesh, sends and streams over JSON-RPC and HTTP+JSON, and reports a denied edge as
-//! an error; SDK agents replay the overnight-loop incident and Ringfence cuts it.
+//! through the mesh, sends and streams over JSON-RPC and HTTP+JSON, in A2A 1.0 and 0.3, and
+//! reports a denied edge as an error. (SDK agents replaying the incident: incident_sdk.rs.)
 //!
 //! The peers (e2e/python/a2a_agent.py, a2a_client.py) run from `e2e/.venv`, which
 //! `bash hack/python-peers.sh` installs at pinned versions; without it these tests fail.
@@ -37,7 +37,7 @@ metadata: {name: client-delegates}
 spec:
   allow:
     - from: [client]
-      agents: [research, writer]
+      agents: [research, writer, legacy]
 ---
 apiVersion: ringfence.dev/v1alpha1
 kind: AgentPolicy
@@ -56,17 +56,25 @@ fn client_and_specialists() -> Vec<(&'static str, &'static str)> {
         ("writer", ""),
         ("critic", ""),
         ("editor", ""),
+        ("legacy", ""),
     ]
 }
 
 #[tokio::test]
-async fn the_sdk_client_discovers_sends_and_streams_through_the_mesh_over_jsonrpc_and_http_json() {
+async fn the_sdk_client_discovers_sends_and_streams_through_the_mesh_in_every_binding_and_version()
+{
     let mesh = LocalMesh::start(&client_and_specialists(), DELEGATES, &[]).await;
     let _research = sdk_agent(&mesh, "research", "JSONRPC", &[]).await;
     let _writer = sdk_agent(&mesh, "writer", "HTTP+JSON", &[]).await;
+    // An agent offering A2A 0.3: the SDK's client speaks 0.3 to it (message/send, message/stream).
+    let _legacy = peers::a2a_agent_speaking(mesh.ports("legacy"), "JSONRPC", "0.3", &[]).await;
     let outbound = mesh.ports("client").outbound;
 
-    for (agent, binding) in [("research", "JSONRPC"), ("writer", "HTTP+JSON")] {
+    for (agent, binding, version) in [
+        ("research", "JSONRPC", "1.0"),
+        ("writer", "HTTP+JSON", "1.0"),
+        ("legacy", "JSONRPC", "0.3"),
+    ] {
         let base = mesh.agent_url("client", agent);
         let lines = sdk_client(&[
             "--base",
@@ -83,12 +91,17 @@ async fn the_sdk_client_discovers_sends_and_streams_through_the_mesh_over_jsonrp
         };
 
         // The card the SDK's resolver got names the agent's own address; the sidecar rewrote it
-        // to route back through the mesh, so the SDK's client never goes around it.
+        // to route back through the mesh, so the SDK's client never goes around it. The
+        // version decides which protocol the SDK's client speaks.
         assert_eq!(card["ok"], true, "{card}");
         assert_eq!(card["name"], agent);
         assert_eq!(
             card["interfaces"],
-            serde_json::json!([{"url": format!("http://{outbound}/agents/{agent}/a2a"), "binding": binding}]),
+            serde_json::json!([{
+                "url": format!("http://{outbound}/agents/{agent}/a2a"),
+                "binding": binding,
+                "version": version,
+            }]),
             "{card}"
         );
 
