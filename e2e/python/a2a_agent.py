@@ -121,7 +121,7 @@ async def ask_model(outbound: str, provider: str, text: str, run: RunContext) ->
                 model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
             )
         except openai.APIStatusError as e:
-            return {"ok": False, "error": {"type": type(e).__name__, "status": e.status_code}}
+            return {"ok": False, "error": refusal(e)}
     usage = completion.usage
     counted = {"input": usage.prompt_tokens, "output": usage.completion_tokens} if usage else None
     return {"ok": True, "answer": completion.choices[0].message.content, "usage": counted}

@@ -184,18 +184,21 @@ metadata: {name: limits}
 spec:
   maxTotalTokens: 100000
 ";
+    let orchestrator = format!("  mayStartRuns: true\n{research}");
     let mesh = LocalMesh::start(
-        &[
-            ("orchestrator", "  mayStartRuns: true"),
-            ("research", &research),
-        ],
+        &[("orchestrator", &orchestrator), ("research", &research)],
         policy,
         // The spawned sidecars inherit it; the agents never see it.
         &[("RINGFENCE_TEST_OPENAI_KEY", SIDECAR_KEY)],
     )
     .await;
-    let _orchestrator =
-        peers::a2a_agent(mesh.ports("orchestrator"), "JSONRPC", &["ask:research"]).await;
+    // The orchestrator delegates, then tries the model itself, which no policy permits it.
+    let _orchestrator = peers::a2a_agent(
+        mesh.ports("orchestrator"),
+        "JSONRPC",
+        &["ask:research", "model:openai"],
+    )
+    .await;
     let _research = peers::a2a_agent(
         mesh.ports("research"),
         "JSONRPC",
@@ -223,6 +226,19 @@ spec:
             .all(|r| r.headers["authorization"] == format!("Bearer {SIDECAR_KEY}")),
         "the provider saw the sidecar's key on every call"
     );
+    // The OpenAI client raised its own error for the refusal; the provider never saw the call.
+    let refused = &lines[0]["reports"][0]["steps"][1];
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(
+        refused["error"]["type"], "PermissionDeniedError",
+        "{refused}"
+    );
+    assert_eq!(refused["error"]["status"], 403, "{refused}");
+    assert_eq!(
+        refused["error"]["rule"], "default deny (no policy permits this model)",
+        "{refused}"
+    );
+    assert_eq!(mock.requests().len(), 2);
 
     // One run, started by the orchestrator, with research's two calls in it: 2 × (100 in,
     // 50 out) at 0.15 $/M in and 0.60 $/M out = 2 × 45 µ$.
