@@ -12,12 +12,13 @@ use crate::{AgentPorts, Proc, binary, eventually, free_port, get, get_tls};
 
 /// A running `ringfence local --spawn-sidecars`, its folder and where each agent listens.
 pub struct LocalMesh {
+    /// Dropped first (fields drop in order): SIGTERM stops the control plane and the sidecars
+    /// it spawned before their folder goes.
+    pub process: Proc,
     pub dir: tempfile::TempDir,
     /// The control plane (and budget service) endpoint.
     pub plane: SocketAddr,
     pub agents: BTreeMap<String, AgentPorts>,
-    /// Dropped last: SIGTERM stops the control plane and the sidecars it spawned.
-    pub process: Proc,
 }
 
 impl LocalMesh {
@@ -54,10 +55,10 @@ impl LocalMesh {
         }
         let process = Proc::spawn("ringfence local", &mut cmd).unwrap();
         let mesh = Self {
+            process,
             dir,
             plane,
             agents: ports,
-            process,
         };
         for a in mesh.agents.values() {
             eventually(

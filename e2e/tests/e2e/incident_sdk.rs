@@ -58,9 +58,9 @@ spec:
 "#;
 
 struct Incident {
-    mesh: LocalMesh,
-    // Dropped before the mesh: the agents and tools stop first.
+    // Dropped before the mesh (fields drop in order): the agents and tools stop first.
     _peers: Vec<Proc>,
+    mesh: LocalMesh,
 }
 
 /// The incident's four agents, each running `steps`, and the search and vault MCP servers.
@@ -90,8 +90,8 @@ async fn incident(steps: &[(&str, &[&str])]) -> Incident {
         procs.push(peers::a2a_agent(mesh.ports(name), "JSONRPC", steps).await);
     }
     Incident {
-        mesh,
         _peers: procs,
+        mesh,
     }
 }
 
