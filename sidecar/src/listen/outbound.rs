@@ -341,9 +341,9 @@ async fn call_agent(
         })?;
 
     // What the call is, for the decision and the record.
-    let card = parts.method == http::Method::GET
+    let well_known_card = parts.method == http::Method::GET
         && a2a::is_card_path(rest.split('?').next().unwrap_or(rest));
-    let method = if card {
+    let method = if well_known_card {
         None
     } else {
         jsonrpc::parse_request(&body)
@@ -351,6 +351,7 @@ async fn call_agent(
             .and_then(|e| a2a::A2aMethod::from_jsonrpc(&e.method))
             .or_else(|| a2a::A2aMethod::from_http(&parts.method, rest).map(|(m, _)| m))
     };
+    let card = answers_with_card(well_known_card, method);
 
     // Policy first: it is the control people wrote, and its refusal names their rule. Depth and
     // cycles are the safety net behind it.
@@ -446,6 +447,15 @@ async fn call_agent(
         return rewrite_card(p, callee, parts, incoming).await;
     }
     Ok(Response::from_parts(parts, stream(incoming)))
+}
+
+/// Whether the answer is an agent card, whose interface URLs must point back through the mesh:
+/// the well-known card, or the extended card asked for through the protocol
+/// (`GetExtendedAgentCard` / `agent/getAuthenticatedExtendedCard` over JSON-RPC, `GET
+/// …/extendedAgentCard` over HTTP+JSON). a2a-sdk's client hands the extended card back to the
+/// app, and a client built from it would otherwise call the agent's own address.
+fn answers_with_card(well_known_card: bool, method: Option<a2a::A2aMethod>) -> bool {
+    well_known_card || method == Some(a2a::A2aMethod::GetExtendedAgentCard)
 }
 
 /// Points the card's interface URLs back through this sidecar, so a client that follows the
