@@ -191,33 +191,41 @@ def main() -> None:
     parser.add_argument("--step", action="append", default=[])
     args = parser.parse_args()
 
-    # The card says where the agent itself listens; its sidecar rewrites it for callers.
+    # The card says where the agent itself listens; its sidecar rewrites it for callers. The
+    # extended card (for callers that ask for it through the protocol) says the same.
     url = f"http://127.0.0.1:{args.port}/a2a"
-    card = AgentCard(
-        name=args.name,
-        description=f"The {args.name} agent of the Ringfence end-to-end tests",
-        version="1.0.0",
-        default_input_modes=["text/plain"],
-        default_output_modes=["application/json"],
-        capabilities=AgentCapabilities(streaming=True),
-        supported_interfaces=[
-            AgentInterface(
-                protocol_binding=args.binding, url=url, protocol_version=args.protocol_version
-            )
-        ],
-        skills=[
-            AgentSkill(
-                id="steps",
-                name="steps",
-                description="runs its configured steps",
-                tags=["e2e"],
-            )
-        ],
-    )
+
+    def agent_card(extended: bool) -> AgentCard:
+        return AgentCard(
+            name=f"{args.name} (extended)" if extended else args.name,
+            description=f"The {args.name} agent of the Ringfence end-to-end tests",
+            version="1.0.0",
+            default_input_modes=["text/plain"],
+            default_output_modes=["application/json"],
+            capabilities=AgentCapabilities(streaming=True, extended_agent_card=True),
+            supported_interfaces=[
+                AgentInterface(
+                    protocol_binding=args.binding,
+                    url=url,
+                    protocol_version=args.protocol_version,
+                )
+            ],
+            skills=[
+                AgentSkill(
+                    id="steps",
+                    name="steps",
+                    description="runs its configured steps",
+                    tags=["e2e"],
+                )
+            ],
+        )
+
+    card = agent_card(extended=False)
     handler = DefaultRequestHandler(
         agent_executor=StepsExecutor(args.name, args.outbound, args.step),
         task_store=InMemoryTaskStore(),
         agent_card=card,
+        extended_agent_card=agent_card(extended=True),
     )
     routes = list(create_agent_card_routes(card))
     compat = args.protocol_version == "0.3"

@@ -12,7 +12,7 @@ cannot run at all; a refused call is an expected outcome the test checks.
 Usage: a2a_client.py --base URL [--url INTERFACE_URL] [--binding JSONRPC|HTTP+JSON] ACTION...
   --base   the agent's base URL: http://<outbound>/agents/<name>, or the agent itself
   --url    skip discovery and use this interface URL (for calls whose card fetch is refused)
-  ACTION   card | send | stream
+  ACTION   card | extended-card | send | stream
 """
 
 from __future__ import annotations
@@ -26,13 +26,24 @@ from typing import Any
 from a2a.client import A2ACardResolver, ClientConfig, ClientFactory
 from a2a.helpers import get_artifact_text
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface
-from a2a.types.a2a_pb2 import SendMessageRequest
+from a2a.types.a2a_pb2 import GetExtendedAgentCardRequest, SendMessageRequest
 
 from mesh_calls import RunContext, a2a_http_client, new_user_message, refusal
 
 
 def emit(line: dict[str, Any]) -> None:
     print(json.dumps(line), flush=True)
+
+
+def describe(card: AgentCard) -> dict[str, Any]:
+    """A card's name and interfaces: where a client built from it will call."""
+    return {
+        "name": card.name,
+        "interfaces": [
+            {"url": i.url, "binding": i.protocol_binding, "version": i.protocol_version}
+            for i in card.supported_interfaces
+        ],
+    }
 
 
 def reports(texts: list[str]) -> list[Any]:
@@ -45,7 +56,7 @@ async def main() -> None:
     parser.add_argument("--url")
     parser.add_argument("--binding", default="JSONRPC", choices=["JSONRPC", "HTTP+JSON"])
     parser.add_argument("--text", default="find sources on agent loops")
-    parser.add_argument("actions", nargs="+", choices=["card", "send", "stream"])
+    parser.add_argument("actions", nargs="+", choices=["card", "extended-card", "send", "stream"])
     args = parser.parse_args()
 
     run = RunContext()
@@ -63,22 +74,16 @@ async def main() -> None:
                 if action == "card" or card is None:
                     card = await A2ACardResolver(http, args.base).get_agent_card()
                     if action == "card":
-                        emit(
-                            {
-                                "action": "card",
-                                "ok": True,
-                                "name": card.name,
-                                "interfaces": [
-                                    {
-                                        "url": i.url,
-                                        "binding": i.protocol_binding,
-                                        "version": i.protocol_version,
-                                    }
-                                    for i in card.supported_interfaces
-                                ],
-                            }
-                        )
+                        emit({"action": "card", "ok": True, **describe(card)})
                         continue
+                if action == "extended-card":
+                    # Asked through the protocol (GetExtendedAgentCard), at the card's interface.
+                    client = ClientFactory(
+                        ClientConfig(httpx_client=http, supported_protocol_bindings=[args.binding])
+                    ).create(card)
+                    extended = await client.get_extended_agent_card(GetExtendedAgentCardRequest())
+                    emit({"action": action, "ok": True, **describe(extended)})
+                    continue
                 streaming = action == "stream"
                 config = ClientConfig(
                     streaming=streaming,

@@ -82,28 +82,30 @@ async fn the_sdk_client_discovers_sends_and_streams_through_the_mesh_in_every_bi
             "--binding",
             binding,
             "card",
+            "extended-card",
             "send",
             "stream",
         ])
         .await;
-        let [card, send, stream] = &lines[..] else {
-            panic!("three actions, three lines: {lines:?}");
+        let [card, extended, send, stream] = &lines[..] else {
+            panic!("four actions, four lines: {lines:?}");
         };
 
         // The card the SDK's resolver got names the agent's own address; the sidecar rewrote it
         // to route back through the mesh, so the SDK's client never goes around it. The
-        // version decides which protocol the SDK's client speaks.
+        // version decides which protocol the SDK's client speaks. The extended card, asked
+        // for through the protocol itself, is rewritten the same way.
+        let through_the_mesh = serde_json::json!([{
+            "url": format!("http://{outbound}/agents/{agent}/a2a"),
+            "binding": binding,
+            "version": version,
+        }]);
         assert_eq!(card["ok"], true, "{card}");
         assert_eq!(card["name"], agent);
-        assert_eq!(
-            card["interfaces"],
-            serde_json::json!([{
-                "url": format!("http://{outbound}/agents/{agent}/a2a"),
-                "binding": binding,
-                "version": version,
-            }]),
-            "{card}"
-        );
+        assert_eq!(card["interfaces"], through_the_mesh, "{card}");
+        assert_eq!(extended["ok"], true, "{extended}");
+        assert_eq!(extended["name"], format!("{agent} (extended)"));
+        assert_eq!(extended["interfaces"], through_the_mesh, "{extended}");
 
         // Sent plainly: one task, holding the agent's report. The agent was handed a context
         // by its sidecar: the call came through the mesh.
