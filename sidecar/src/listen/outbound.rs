@@ -515,15 +515,19 @@ async fn call_tool(
             .edge(me, &edge_to)
             .run(&ctx.run)
         })?;
-    let call = mcp::inspect(&parts.headers, &body).map_err(|e| {
-        Denial::new(Kind::BadRequest, e.to_string())
-            .edge(me, &edge_to)
-            .run(&ctx.run)
-    })?;
+    let call = if is_session_request(&parts.method, &body) {
+        None
+    } else {
+        Some(mcp::inspect(&parts.headers, &body).map_err(|e| {
+            Denial::new(Kind::BadRequest, e.to_string())
+                .edge(me, &edge_to)
+                .run(&ctx.run)
+        })?)
+    };
 
     let mut untrusted = false;
     let mut source = String::new();
-    if let Some(tool) = call.tool() {
+    if let Some(tool) = call.as_ref().and_then(|c| c.tool()) {
         let edge_to = format!("tool:{server}/{tool}");
         let decision_ctx = CallContext::of(&ctx, taint.clone(), ctx.depth, 0);
         let d = snap.authorizer.decide(&CallRequest {
@@ -566,6 +570,14 @@ async fn call_tool(
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, stream(incoming)))
+}
+
+/// A streamable HTTP request that carries no JSON-RPC message: the client's GET that opens the
+/// server's own message stream, or its DELETE that ends a session (MCP before 2026-07-28; the
+/// MCP Python SDK sends both). It calls no tool, so there is nothing to read or decide on.
+fn is_session_request(method: &http::Method, body: &[u8]) -> bool {
+    (method == http::Method::GET || method == http::Method::DELETE)
+        && body.iter().all(u8::is_ascii_whitespace)
 }
 
 /// Whether a tool's output is untrusted: a tool-level rule wins over its server's.

@@ -1,4 +1,5 @@
-//! Routing of outbound calls, and which answers are agent cards to rewrite.
+//! Routing of outbound calls, which answers are agent cards to rewrite, and which MCP requests
+//! carry no message.
 
 use ringfence_crds::agent::Trust;
 use ringfence_crds::bundle::{AgentEntry, BundleContent, Limits, PolicySlice, ToolServerEntry};
@@ -160,4 +161,16 @@ fn the_well_known_and_the_extended_card_are_rewritten_and_nothing_else() {
             "{verb} {path} {body}"
         );
     }
+}
+
+#[test]
+fn an_mcp_session_get_or_delete_carries_no_message_but_a_bodyless_post_is_still_read() {
+    assert!(is_session_request(&http::Method::GET, b""));
+    assert!(is_session_request(&http::Method::DELETE, b""));
+    assert!(is_session_request(&http::Method::DELETE, b"\r\n"));
+    // A POST always carries a message: an empty one is refused as malformed, never waved on.
+    assert!(!is_session_request(&http::Method::POST, b""));
+    // A GET with a body is read like any request (and its tools/call decided on).
+    let call = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#;
+    assert!(!is_session_request(&http::Method::GET, call));
 }
