@@ -8,7 +8,9 @@ Prints one JSON line per action: the tool names listed, a tool's text answer, or
 the SDK raised (with the sidecar's refusal: reason and rule). Exits non-zero only when it cannot
 run at all.
 
-Usage: mcp_client.py --url http://<outbound>/tools/<server>/mcp ACTION...
+Usage: mcp_client.py --url http://<outbound>/tools/<server> [--mode auto|legacy] ACTION...
+  --mode   auto (the SDK's default: the 2026-07-28 protocol when the server speaks it) or legacy
+           (the initialize handshake and a session, as clients before 2026-07-28 do)
   ACTION   list | call:<tool>
 """
 
@@ -35,6 +37,7 @@ def emit(line: dict[str, Any]) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True)
+    parser.add_argument("--mode", default="auto", choices=["auto", "legacy"])
     parser.add_argument("actions", nargs="+")
     args = parser.parse_args()
 
@@ -42,7 +45,9 @@ async def main() -> None:
     http = httpx2.AsyncClient(
         timeout=30.0, event_hooks={"request": [run.on_request], "response": [run.on_response]}
     )
-    async with http, Client(streamable_http_client(args.url, http_client=http)) as client:
+    async with http, Client(
+        streamable_http_client(args.url, http_client=http), mode=args.mode
+    ) as client:
         for action in args.actions:
             try:
                 if action == "list":
