@@ -12,7 +12,7 @@ cannot run at all; a refused call is an expected outcome the test checks.
 Usage: a2a_client.py --base URL [--url INTERFACE_URL] [--binding JSONRPC|HTTP+JSON] ACTION...
   --base   the agent's base URL: http://<outbound>/agents/<name>, or the agent itself
   --url    skip discovery and use this interface URL (for calls whose card fetch is refused)
-  ACTION   card | extended-card | send | stream
+  ACTION   card | extended-card | send | stream | get-task (the task the last send created)
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from typing import Any
 from a2a.client import A2ACardResolver, ClientConfig, ClientFactory
 from a2a.helpers import get_artifact_text
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface
-from a2a.types.a2a_pb2 import GetExtendedAgentCardRequest, SendMessageRequest
+from a2a.types.a2a_pb2 import (
+    GetExtendedAgentCardRequest,
+    GetTaskRequest,
+    SendMessageRequest,
+    TaskState,
+)
 
 from mesh_calls import RunContext, a2a_http_client, new_user_message, refusal
 
@@ -56,12 +61,15 @@ async def main() -> None:
     parser.add_argument("--url")
     parser.add_argument("--binding", default="JSONRPC", choices=["JSONRPC", "HTTP+JSON"])
     parser.add_argument("--text", default="find sources on agent loops")
-    parser.add_argument("actions", nargs="+", choices=["card", "extended-card", "send", "stream"])
+    parser.add_argument(
+        "actions", nargs="+", choices=["card", "extended-card", "send", "stream", "get-task"]
+    )
     args = parser.parse_args()
 
     run = RunContext()
     http = a2a_http_client(run)
     card: AgentCard | None = None
+    last_task = ""
     if args.url:
         card = AgentCard(
             name="known out of band",
@@ -76,13 +84,20 @@ async def main() -> None:
                     if action == "card":
                         emit({"action": "card", "ok": True, **describe(card)})
                         continue
-                if action == "extended-card":
-                    # Asked through the protocol (GetExtendedAgentCard), at the card's interface.
+                if action in ("extended-card", "get-task"):
                     client = ClientFactory(
                         ClientConfig(httpx_client=http, supported_protocol_bindings=[args.binding])
                     ).create(card)
-                    extended = await client.get_extended_agent_card(GetExtendedAgentCardRequest())
-                    emit({"action": action, "ok": True, **describe(extended)})
+                    if action == "extended-card":
+                        # Asked through the protocol (GetExtendedAgentCard), at the interface.
+                        extended = await client.get_extended_agent_card(
+                            GetExtendedAgentCardRequest()
+                        )
+                        emit({"action": action, "ok": True, **describe(extended)})
+                    else:
+                        task = await client.get_task(GetTaskRequest(id=last_task))
+                        state = TaskState.Name(task.status.state)
+                        emit({"action": action, "ok": True, "id": task.id, "state": state})
                     continue
                 streaming = action == "stream"
                 config = ClientConfig(
@@ -97,6 +112,7 @@ async def main() -> None:
                     kind = event.WhichOneof("payload")
                     kinds.append(kind)
                     if kind == "task":
+                        last_task = event.task.id
                         texts += [get_artifact_text(a, "") for a in event.task.artifacts]
                     elif kind == "artifact_update":
                         texts.append(get_artifact_text(event.artifact_update.artifact, ""))

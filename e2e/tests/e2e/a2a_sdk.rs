@@ -84,11 +84,12 @@ async fn the_sdk_client_discovers_sends_and_streams_through_the_mesh_in_every_bi
             "card",
             "extended-card",
             "send",
+            "get-task",
             "stream",
         ])
         .await;
-        let [card, extended, send, stream] = &lines[..] else {
-            panic!("four actions, four lines: {lines:?}");
+        let [card, extended, send, get_task, stream] = &lines[..] else {
+            panic!("five actions, five lines: {lines:?}");
         };
 
         // The card the SDK's resolver got names the agent's own address; the sidecar rewrote it
@@ -115,6 +116,10 @@ async fn the_sdk_client_discovers_sends_and_streams_through_the_mesh_in_every_bi
         assert_eq!(r["agent"], agent);
         assert_eq!(r["got"], "find sources on agent loops");
         assert_eq!(r["context"], true, "{r}");
+
+        // The task it created is read back through the mesh.
+        assert_eq!(get_task["ok"], true, "{get_task}");
+        assert_eq!(get_task["state"], "TASK_STATE_COMPLETED", "{get_task}");
 
         // Streamed: the SDK's events arrive one by one through both sidecars.
         assert_eq!(stream["ok"], true, "{stream}");
