@@ -181,6 +181,12 @@ pub struct SpendEvent {
     pub environment: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<String>,
+    /// The run's root agent and user, so spend of a run no lease opened (one without token or
+    /// cost limits) still lands in the ledger.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub root: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
 }
 
 /// A batch of spend.

@@ -4,8 +4,10 @@
 
 pub mod certs;
 pub mod llm;
+pub mod local;
 pub mod mesh;
 pub mod otlp;
+pub mod peers;
 
 pub use certs::{
     expired_creds, foreign_trust_domain_creds, hop_context, mtls_post, self_signed_creds,
@@ -66,8 +68,9 @@ pub fn binary(name: &str) -> PathBuf {
 ///
 /// Ports come from below Linux's ephemeral range (32768 and up), which the kernel hands to
 /// outgoing connections and to `bind(0)`: a port picked there can be taken by any client socket
-/// before the test binds it. Chosen at random, checked free, and never handed out twice by one
-/// process.
+/// before the test binds it. A port is checked free when picked, but its listener may only bind
+/// it seconds later (a sidecar `ringfence local` spawns, a Python peer), so each test process
+/// draws from its own block of ports (see [`port_block`]), at random, never twice.
 pub fn free_port() -> u16 {
     use std::collections::HashSet;
     use std::sync::Mutex;
@@ -76,6 +79,7 @@ pub fn free_port() -> u16 {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let given = given.get_or_insert_with(HashSet::new);
+    let block = port_block().unwrap_or(PORTS_FROM..PORTS_FROM + PORT_BLOCK * PORT_BLOCKS);
     let seed = std::process::id() as u64
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -87,7 +91,7 @@ pub fn free_port() -> u16 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let port = 20_000 + (x % 12_000) as u16;
+        let port = block.start + (x % u64::from(block.end - block.start)) as u16;
         if given.contains(&port) {
             continue;
         }
@@ -100,6 +104,37 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(0)
+}
+
+const PORTS_FROM: u16 = 20_000;
+const PORT_BLOCK: u16 = 250;
+const PORT_BLOCKS: u16 = 48;
+
+/// This process's block of [`PORT_BLOCK`] ports: the first block, starting from one chosen by the
+/// process id, whose lock file (in the temporary folder) it can lock exclusively. The lock is
+/// held until the process exits, so test processes running at once (nextest runs each test in
+/// its own, and several checkouts may test on one machine) never share a block. `None` when no
+/// block can be locked; ports are then drawn from all blocks.
+fn port_block() -> Option<std::ops::Range<u16>> {
+    static BLOCK: OnceLock<Option<(std::fs::File, std::ops::Range<u16>)>> = OnceLock::new();
+    let held = BLOCK.get_or_init(|| {
+        let dir = std::env::temp_dir().join("ringfence-e2e-ports");
+        std::fs::create_dir_all(&dir).ok()?;
+        let first = (std::process::id() % u32::from(PORT_BLOCKS)) as u16;
+        (0..PORT_BLOCKS).find_map(|i| {
+            let block = (first + i) % PORT_BLOCKS;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("block-{block}.lock")))
+                .ok()?;
+            file.try_lock().ok()?;
+            let start = PORTS_FROM + block * PORT_BLOCK;
+            Some((file, start..start + PORT_BLOCK))
+        })
+    });
+    held.as_ref().map(|(_, range)| range.clone())
 }
 
 /// Where one agent and its sidecar listen.
@@ -280,5 +315,26 @@ where
             bail!("timed out after {within:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_draws_ports_from_a_block_no_other_process_can_take() {
+        let block = port_block().expect("a free block of ports");
+        for _ in 0..20 {
+            let port = free_port();
+            assert!(block.contains(&port), "{port} is outside {block:?}");
+        }
+        // The lock is on the open file: anyone else opening the block's file is refused it.
+        let index = (block.start - PORTS_FROM) / PORT_BLOCK;
+        let path = std::env::temp_dir()
+            .join("ringfence-e2e-ports")
+            .join(format!("block-{index}.lock"));
+        let other = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        assert!(other.try_lock().is_err());
     }
 }

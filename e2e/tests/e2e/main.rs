@@ -1,8 +1,12 @@
 //! The end-to-end suite, one test binary (one link, not one per file): real processes on loopback.
 
+mod a2a_sdk;
 mod budget;
 mod data_plane;
+mod incident_sdk;
 mod local_mode;
+mod mcp_sdk;
 mod openai_client;
+mod python_peers;
 mod rotation;
 mod traces;

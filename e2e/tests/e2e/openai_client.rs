@@ -5,11 +5,12 @@
 //! The client runs from `e2e/.venv`, which `bash hack/python-peers.sh` installs at pinned
 //! versions; without it this test fails (it never skips).
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ringfence_e2e::llm::{self, CHAT_IN, CHAT_OUT};
+use ringfence_e2e::local::LocalMesh;
 use ringfence_e2e::mesh::Mesh;
+use ringfence_e2e::peers;
 
 const SIDECAR_KEY: &str = "sk-test-openai";
 
@@ -34,24 +35,12 @@ spec:
   maxTotalTokens: 100000
 ";
 
-/// The venv's interpreter and the agent script, or a failure that says how to install them.
-fn python_peer(script: &str) -> (PathBuf, PathBuf) {
-    let e2e = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = e2e.join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: the Python peers are not installed; run `bash hack/python-peers.sh`",
-        python.display()
-    );
-    (python, e2e.join("python").join(script))
-}
-
 #[tokio::test]
 async fn the_openai_client_calls_through_the_sidecar_without_a_key_and_every_call_is_counted() {
     // SAFETY: set before the runtime's other threads or the sidecar read the environment, and
     // nextest runs each test in its own process.
     unsafe { std::env::set_var("RINGFENCE_TEST_OPENAI_KEY", SIDECAR_KEY) };
-    let (python, script) = python_peer("openai_chat.py");
+    let (python, script) = (peers::python(), peers::script("openai_chat.py"));
     let (addr, mock) = llm::start().await;
     let mesh = Mesh::start(&[("orchestrator", orchestrator(addr).as_str())], POLICY).await;
 
@@ -168,4 +157,111 @@ async fn the_openai_client_calls_through_the_sidecar_without_a_key_and_every_cal
         assert_eq!(r["spent"]["tokensOut"], CHAT_OUT, "{r}");
         assert_eq!(r["spent"]["micros"], 45, "{r}");
     }
+}
+
+/// The same client inside an SDK agent that another agent delegated to, all spawned by
+/// `ringfence local`: its model calls join the run the orchestrator started, and the run's
+/// ledger entry shows who spent what.
+#[tokio::test]
+async fn model_calls_of_a_sub_agent_land_in_the_ledger_of_the_run_that_delegated_to_it() {
+    let (llm, mock) = llm::start().await;
+    let research = format!(
+        "  models:\n    - {{name: openai, url: \"http://{llm}\", apiKeyEnv: RINGFENCE_TEST_OPENAI_KEY}}"
+    );
+    let policy = "apiVersion: ringfence.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: delegates}
+spec:
+  allow:
+    - from: [orchestrator]
+      agents: [research]
+    - from: [research]
+      models: [openai/*]
+---
+apiVersion: ringfence.dev/v1alpha1
+kind: RunBudget
+metadata: {name: limits}
+spec:
+  maxTotalTokens: 100000
+";
+    let orchestrator = format!("  mayStartRuns: true\n{research}");
+    let mesh = LocalMesh::start(
+        &[("orchestrator", &orchestrator), ("research", &research)],
+        policy,
+        // The spawned sidecars inherit it; the agents never see it.
+        &[("RINGFENCE_TEST_OPENAI_KEY", SIDECAR_KEY)],
+    )
+    .await;
+    // The orchestrator delegates, then tries the model itself, which no policy permits it.
+    let _orchestrator = peers::a2a_agent(
+        mesh.ports("orchestrator"),
+        "JSONRPC",
+        &["ask:research", "model:openai"],
+    )
+    .await;
+    let _research = peers::a2a_agent(
+        mesh.ports("research"),
+        "JSONRPC",
+        &["model:openai", "model:openai"],
+    )
+    .await;
+
+    // A user asks the orchestrator at its own address; it delegates through the mesh.
+    let base = format!("http://{}", mesh.ports("orchestrator").app);
+    let lines = peers::run("a2a_client.py", &["--base".into(), base, "send".into()]).await;
+    let research_report = &lines[0]["reports"][0]["steps"][0]["answer"][0];
+    let calls = research_report["steps"].as_array().unwrap();
+    assert_eq!(calls.len(), 2, "{:#}", lines[0]);
+    for c in calls {
+        assert_eq!(c["ok"], true, "{c}");
+        assert_eq!(c["answer"], "hello");
+        assert_eq!(
+            c["usage"],
+            serde_json::json!({"input": CHAT_IN, "output": CHAT_OUT})
+        );
+    }
+    assert!(
+        mock.requests()
+            .iter()
+            .all(|r| r.headers["authorization"] == format!("Bearer {SIDECAR_KEY}")),
+        "the provider saw the sidecar's key on every call"
+    );
+    // The OpenAI client raised its own error for the refusal; the provider never saw the call.
+    let refused = &lines[0]["reports"][0]["steps"][1];
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(
+        refused["error"]["type"], "PermissionDeniedError",
+        "{refused}"
+    );
+    assert_eq!(refused["error"]["status"], 403, "{refused}");
+    assert_eq!(
+        refused["error"]["rule"], "default deny (no policy permits this model)",
+        "{refused}"
+    );
+    assert_eq!(mock.requests().len(), 2);
+
+    // One run, started by the orchestrator, with research's two calls in it: 2 × (100 in,
+    // 50 out) at 0.15 $/M in and 0.60 $/M out = 2 × 45 µ$.
+    let run = ringfence_e2e::eventually(
+        Duration::from_secs(10),
+        "research's two calls in the ledger",
+        || async {
+            let runs = mesh.api("/v1/runs?agent=default%2Fresearch").await?;
+            let runs = runs.as_array()?;
+            (runs.len() == 1 && runs[0]["spent"]["calls"] == 2).then(|| runs[0].clone())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(run["rootAgent"], "orchestrator", "{run}");
+    assert_eq!(run["spent"]["tokensIn"], 2 * CHAT_IN, "{run}");
+    assert_eq!(run["spent"]["tokensOut"], 2 * CHAT_OUT, "{run}");
+    assert_eq!(run["spent"]["micros"], 90, "{run}");
+
+    let id = run["runId"].as_str().unwrap();
+    let detail = mesh.api(&format!("/v1/runs/{id}")).await.unwrap();
+    let agents = detail["agents"].as_array().unwrap();
+    assert_eq!(agents.len(), 1, "only research spent: {detail:#}");
+    assert_eq!(agents[0]["agent"], "default/research", "{detail:#}");
+    assert_eq!(agents[0]["micros"], 90, "{detail:#}");
 }

@@ -39,7 +39,7 @@ pub struct Amount {
 }
 
 /// A run's global limits, resolved from the RunBudgets that select its root agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunLimits {
     /// `maxTotalTokens`: input plus output tokens over the whole run.

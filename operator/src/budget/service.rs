@@ -407,13 +407,32 @@ impl BudgetService {
         if report.events.len() > MAX_EVENTS {
             return Err(ServiceError::TooManyEvents(report.events.len()));
         }
+        // Spend outside any lease may be a run no lease opened (no token or cost limits): open
+        // it with the root and user the sidecar names, so the ledger keeps it.
+        let mut unleased: Vec<(String, String, String)> = Vec::new();
+        for (i, e) in report.events.iter().enumerate() {
+            if e.lease_id.is_none() && !e.root.is_empty() {
+                check_name(&format!("events[{i}].root"), &e.root, false)?;
+                check_name(&format!("events[{i}].user"), &e.user, true)?;
+                let run = run_id(&format!("events[{i}].run"), &e.run)?;
+                if !unleased.iter().any(|(r, _, _)| *r == run) {
+                    unleased.push((run, e.root.clone(), e.user.clone()));
+                }
+            }
+        }
         let events = report
             .events
             .into_iter()
             .enumerate()
             .map(|(i, e)| spend_event(i, agent, e))
             .collect::<Result<Vec<_>, _>>()?;
-        let outcome = self.store.report(&events, now_ms()).await?;
+        let now = now_ms();
+        for (run, root, user) in &unleased {
+            self.store
+                .open_run(run, root, user, &RunLimits::default(), now)
+                .await?;
+        }
+        let outcome = self.store.report(&events, now).await?;
         if outcome.unknown_run > 0 {
             // The wire ack has no field for these; a sidecar leases (opening the run) first.
             tracing::warn!(

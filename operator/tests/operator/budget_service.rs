@@ -312,6 +312,8 @@ fn spend(id: &str, run: &str, lease: Option<&str>, tokens: u64, micros: u64) -> 
         team: None,
         environment: None,
         workflow: None,
+        root: String::new(),
+        user: String::new(),
     }
 }
 
@@ -836,4 +838,22 @@ async fn calls_reach_the_ledger_only_as_the_agent_of_the_reporting_svid_and_once
         )
         .await;
     assert_eq!(budget.run(&run).await["limits"]["maxTokens"], 500);
+}
+
+#[tokio::test]
+async fn spend_of_a_run_without_token_or_cost_limits_opens_it_in_the_ledger() {
+    let trust = Trust::new();
+    let writer = trust.svid("writer");
+    let (_dir, store) = sqlite_store().await;
+    let budget = Budget::start(&trust, store).await;
+    let run = new_run();
+    let mut event = spend("u1", &run, None, 300, 90);
+    event.root = "orchestrator".to_owned();
+    event.user = "user:ada".to_owned();
+    let ack = budget.report(&writer, vec![event]).await;
+    assert_eq!((ack.accepted, ack.duplicates), (1, 0));
+    let detail = budget.run(&run).await;
+    assert_eq!(detail["rootAgent"], "orchestrator");
+    assert_eq!(detail["spent"]["micros"], 90);
+    assert_eq!(detail["agents"][0]["agent"], "default/writer");
 }

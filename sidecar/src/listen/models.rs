@@ -194,6 +194,8 @@ pub async fn call_model(
         metrics: p.metrics.clone(),
         reservation,
         run: run.clone(),
+        root: ctx.path.first().cloned().unwrap_or_default(),
+        user: ctx.user.clone(),
         provider: provider_name.to_owned(),
         model: model.clone(),
         usage: span.usage_slot(),
@@ -273,6 +275,8 @@ struct Settle {
     metrics: crate::metrics::Metrics,
     reservation: Option<Reservation>,
     run: String,
+    root: String,
+    user: String,
     provider: String,
     model: String,
     team: Option<String>,
@@ -321,6 +325,8 @@ impl Settle {
             team: self.team.clone(),
             environment: self.environment.clone(),
             workflow: self.workflow.clone(),
+            root: self.root.clone(),
+            user: self.user.clone(),
         };
         match self.reservation {
             Some(r) => self.spend.settle(r, event),

@@ -418,9 +418,9 @@ async fn call_agent(
         })?;
 
     // What the call is, for the decision and the record.
-    let card = parts.method == http::Method::GET
+    let well_known_card = parts.method == http::Method::GET
         && a2a::is_card_path(rest.split('?').next().unwrap_or(rest));
-    let a2a_call = if card {
+    let a2a_call = if well_known_card {
         None
     } else {
         jsonrpc::parse_request(&body)
@@ -433,6 +433,7 @@ async fn call_agent(
     span.a2a_method = method.map(|m| m.name());
     span.a2a_task = a2a_call.and_then(|c| c.task_id);
     span.cycle = ctx.revisits_of(callee) > 0;
+    let card = answers_with_card(well_known_card, method);
 
     // Policy first: it is the control people wrote, and its refusal names their rule. Depth and
     // cycles are the safety net behind it.
@@ -527,6 +528,15 @@ async fn call_agent(
     Ok(Response::from_parts(parts, stream(incoming)))
 }
 
+/// Whether the answer is an agent card, whose interface URLs must point back through the mesh:
+/// the well-known card, or the extended card asked for through the protocol
+/// (`GetExtendedAgentCard` / `agent/getAuthenticatedExtendedCard` over JSON-RPC, `GET
+/// …/extendedAgentCard` over HTTP+JSON). a2a-sdk's client hands the extended card back to the
+/// app, and a client built from it would otherwise call the agent's own address.
+fn answers_with_card(well_known_card: bool, method: Option<a2a::A2aMethod>) -> bool {
+    well_known_card || method == Some(a2a::A2aMethod::GetExtendedAgentCard)
+}
+
 /// Points the card's interface URLs back through this sidecar, so a client that follows the
 /// card stays in the mesh.
 async fn rewrite_card(
@@ -585,16 +595,20 @@ async fn call_tool(
             .edge(me, &edge_to)
             .run(&ctx.run)
         })?;
-    let call = mcp::inspect(&parts.headers, &body).map_err(|e| {
-        Denial::new(Kind::BadRequest, e.to_string())
-            .edge(me, &edge_to)
-            .run(&ctx.run)
-    })?;
+    let call = if is_session_request(&parts.method, &body) {
+        None
+    } else {
+        Some(mcp::inspect(&parts.headers, &body).map_err(|e| {
+            Denial::new(Kind::BadRequest, e.to_string())
+                .edge(me, &edge_to)
+                .run(&ctx.run)
+        })?)
+    };
 
-    span.mcp_method = Some(call.method.clone());
+    span.mcp_method = call.as_ref().map(|c| c.method.clone());
     let mut untrusted = false;
     let mut source = String::new();
-    if let Some(tool) = call.tool() {
+    if let Some(tool) = call.as_ref().and_then(|c| c.tool()) {
         span.tool = Some(tool.to_owned());
         span.target = tool.to_owned();
         let edge_to = format!("tool:{server}/{tool}");
@@ -639,6 +653,14 @@ async fn call_tool(
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, stream(incoming)))
+}
+
+/// A streamable HTTP request that carries no JSON-RPC message: the client's GET that opens the
+/// server's own message stream, or its DELETE that ends a session (MCP before 2026-07-28; the
+/// MCP Python SDK sends both). It calls no tool, so there is nothing to read or decide on.
+fn is_session_request(method: &http::Method, body: &[u8]) -> bool {
+    (method == http::Method::GET || method == http::Method::DELETE)
+        && body.iter().all(u8::is_ascii_whitespace)
 }
 
 /// Whether a tool's output is untrusted: a tool-level rule wins over its server's.

@@ -1,4 +1,5 @@
-//! Routing of outbound calls.
+//! Routing of outbound calls, which answers are agent cards to rewrite, and which MCP requests
+//! carry no message.
 
 use ringfence_crds::agent::Trust;
 use ringfence_crds::bundle::{AgentEntry, BundleContent, Limits, PolicySlice, ToolServerEntry};
@@ -114,4 +115,62 @@ fn forward_proxy_requests_map_hosts_to_agents_and_tool_servers() {
     );
     let err = route_of("http://example.com/").unwrap_err();
     assert!(err.message.contains("example.com"), "{}", err.message);
+}
+
+#[test]
+fn the_well_known_and_the_extended_card_are_rewritten_and_nothing_else() {
+    use crate::protocol::a2a::A2aMethod;
+    let operation = |body: &str, verb: &str, path: &str| {
+        jsonrpc::parse_request(body.as_bytes())
+            .ok()
+            .and_then(|e| A2aMethod::from_jsonrpc(&e.method))
+            .or_else(|| A2aMethod::from_http_parts(verb, path).map(|(m, _)| m))
+    };
+    // The extended card asked for over JSON-RPC (v1.0 and v0.3) and over HTTP+JSON.
+    for (body, verb, path) in [
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"GetExtendedAgentCard","params":{}}"#,
+            "POST",
+            "/a2a",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"agent/getAuthenticatedExtendedCard"}"#,
+            "POST",
+            "/",
+        ),
+        ("", "GET", "/a2a/extendedAgentCard"),
+        ("", "GET", "/v1/card"),
+    ] {
+        assert!(
+            answers_with_card(false, operation(body, verb, path)),
+            "{verb} {path} {body}"
+        );
+    }
+    assert!(answers_with_card(true, None), "the well-known card");
+    for (body, verb, path) in [
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"SendMessage","params":{}}"#,
+            "POST",
+            "/a2a",
+        ),
+        ("", "POST", "/a2a/message:send"),
+        ("", "GET", "/a2a/tasks/t-1"),
+    ] {
+        assert!(
+            !answers_with_card(false, operation(body, verb, path)),
+            "{verb} {path} {body}"
+        );
+    }
+}
+
+#[test]
+fn an_mcp_session_get_or_delete_carries_no_message_but_a_bodyless_post_is_still_read() {
+    assert!(is_session_request(&http::Method::GET, b""));
+    assert!(is_session_request(&http::Method::DELETE, b""));
+    assert!(is_session_request(&http::Method::DELETE, b"\r\n"));
+    // A POST always carries a message: an empty one is refused as malformed, never waved on.
+    assert!(!is_session_request(&http::Method::POST, b""));
+    // A GET with a body is read like any request (and its tools/call decided on).
+    let call = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#;
+    assert!(!is_session_request(&http::Method::GET, call));
 }
