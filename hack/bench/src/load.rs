@@ -49,6 +49,10 @@ pub struct Args {
     /// A response must contain this to count as a success.
     #[arg(long)]
     expect: Option<String>,
+    /// Join one run: send back, on every request, the `ringfence-context` header the first
+    /// response carried (as an agent does), instead of starting a run per request.
+    #[arg(long)]
+    join_run: bool,
 }
 
 struct Target {
@@ -58,7 +62,11 @@ struct Target {
     headers: Vec<(HeaderName, HeaderValue)>,
     body: Bytes,
     expect: Option<String>,
+    join_run: bool,
+    run: Mutex<Option<HeaderValue>>,
 }
+
+const CONTEXT_HEADER: &str = "ringfence-context";
 
 type Conn = SendRequest<Full<Bytes>>;
 
@@ -85,8 +93,19 @@ impl Target {
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
+        let run = self.run.lock().ok().and_then(|r| r.clone());
+        if let Some(run) = &run {
+            req = req.header(CONTEXT_HEADER, run);
+        }
         let req = req.body(Full::new(self.body.clone()))?;
         let resp = conn.send_request(req).await?;
+        if self.join_run
+            && run.is_none()
+            && let Some(v) = resp.headers().get(CONTEXT_HEADER)
+            && let Ok(mut slot) = self.run.lock()
+        {
+            *slot = Some(v.clone());
+        }
         let ok = resp.status().is_success();
         let body = resp.into_body().collect().await?.to_bytes();
         let found = match &self.expect {
@@ -168,6 +187,8 @@ async fn main(args: Args) -> anyhow::Result<()> {
         headers,
         body,
         expect: args.expect.clone(),
+        join_run: args.join_run,
+        run: Mutex::new(None),
     });
 
     // Warm-up: connections, caches and (on these VMs) sleeping cores.
@@ -178,6 +199,9 @@ async fn main(args: Args) -> anyhow::Result<()> {
         }
     }
     drop(conn);
+    if args.join_run && target.run.lock().map(|r| r.is_none()).unwrap_or(true) {
+        bail!("--join-run: the target sent no {CONTEXT_HEADER} header to join");
+    }
 
     let deadline = Duration::from_secs_f64(args.duration);
     let started = Instant::now();
