@@ -185,9 +185,13 @@ fn bench_authz(c: &mut Criterion) {
                 black_box(authz.decide(black_box(&req)));
             });
             // The reference is slow on unlisted resources: fewer samples keep the run short.
-            percentiles(&format!("{label} | {} | cedar only", case.name), 5_000, || {
-                black_box(authz.decide_with_cedar_only(black_box(&req)));
-            });
+            percentiles(
+                &format!("{label} | {} | cedar only", case.name),
+                5_000,
+                || {
+                    black_box(authz.decide_with_cedar_only(black_box(&req)));
+                },
+            );
             group.bench_with_input(
                 BenchmarkId::new(format!("{label} | index"), case.name),
                 &req,
