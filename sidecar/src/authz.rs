@@ -241,11 +241,20 @@ struct ServerTools {
 }
 
 /// A compiled policy slice, ready to decide.
+///
+/// Per action (indexed by [`Action::index`]), the structured edges are a lookup by principal
+/// ([`index`]) and only the remaining policies go to Cedar — none at all for most slices the
+/// compiler cuts. Cedar evaluates every policy of a set on every request, and a policy scoped
+/// to another action can never match, so it is left out of that action's set.
 pub struct Authorizer {
-    /// The policies that can apply to each action (indexed by [`Action::index`]): Cedar
-    /// evaluates every policy of a set on every request, and a policy scoped to another action
-    /// can never match, so it is left out of that action's set.
-    by_action: [PolicySet; 4],
+    index: [index::ActionIndex; 4],
+    listed: index::Listed,
+    /// Whether residual policies may read a per-request store of the few entities they can
+    /// reach rather than a copy of the bundle's, for a resource the bundle does not list.
+    sliceable: bool,
+    /// Every policy per action, for the Cedar-only reference decision.
+    #[cfg(any(test, feature = "testing"))]
+    reference: [PolicySet; 4],
     entities: Entities,
     rules: HashMap<PolicyId, Arc<str>>,
     actions: [EntityUid; 4],
@@ -264,26 +273,31 @@ impl fmt::Debug for Authorizer {
     }
 }
 
-/// Splits a validated set into one set per action. A policy goes to every action its scope
-/// admits; a scope naming anything but our four actions (an action group some day) goes
-/// everywhere, which is never wrong, only slower.
+/// The actions a policy can apply to (indexed by [`Action::index`]). A scope naming anything
+/// but our four actions (an action group some day) applies everywhere, which is never wrong,
+/// only slower.
+fn actions_of(policy: &Policy, actions: &[EntityUid; 4]) -> [bool; 4] {
+    match policy.action_constraint() {
+        ActionConstraint::Any => [true; 4],
+        ActionConstraint::Eq(uid) if actions.contains(&uid) => {
+            actions.each_ref().map(|a| *a == uid)
+        }
+        ActionConstraint::In(uids) if uids.iter().all(|u| actions.contains(u)) => {
+            actions.each_ref().map(|a| uids.contains(a))
+        }
+        ActionConstraint::Eq(_) | ActionConstraint::In(_) => [true; 4],
+    }
+}
+
+/// Splits a validated set into one set per action, for the Cedar-only reference decision.
+#[cfg(any(test, feature = "testing"))]
 fn partition_by_action(
     all: &PolicySet,
     actions: &[EntityUid; 4],
 ) -> Result<[PolicySet; 4], AuthzError> {
     let mut sets: [PolicySet; 4] = Default::default();
     for policy in all.policies() {
-        let applies: [bool; 4] = match policy.action_constraint() {
-            ActionConstraint::Any => [true; 4],
-            ActionConstraint::Eq(uid) if actions.contains(&uid) => {
-                actions.each_ref().map(|a| *a == uid)
-            }
-            ActionConstraint::In(uids) if uids.iter().all(|u| actions.contains(u)) => {
-                actions.each_ref().map(|a| uids.contains(a))
-            }
-            ActionConstraint::Eq(_) | ActionConstraint::In(_) => [true; 4],
-        };
-        for (set, applies) in sets.iter_mut().zip(applies) {
+        for (set, applies) in sets.iter_mut().zip(actions_of(policy, actions)) {
             if applies {
                 set.add(policy.clone()).map_err(|e| AuthzError::PolicySet {
                     id: policy.id().to_string(),
@@ -359,9 +373,12 @@ impl Authorizer {
             }
         }
 
-        let by_action = partition_by_action(&policies, &actions)?;
         let mut authorizer = Self {
-            by_action,
+            index: Default::default(),
+            listed: HashMap::new(),
+            sliceable: index::sliceable(&slice.entities),
+            #[cfg(any(test, feature = "testing"))]
+            reference: partition_by_action(&policies, &actions)?,
             entities,
             rules,
             actions,
@@ -389,6 +406,16 @@ impl Authorizer {
                 .add_entities(missing, Some(&schema))
                 .map_err(|e| AuthzError::Entities(e.to_string()))?;
         }
+
+        let (listed, safety) = index::listed_groups(&authorizer.entities);
+        authorizer.listed = listed;
+        authorizer.index = index::build(
+            &policies,
+            &authorizer.actions,
+            safety,
+            &authorizer.entities,
+            |p| authorizer.rule_of(p.id()),
+        )?;
         Ok(authorizer)
     }
 
@@ -398,28 +425,137 @@ impl Authorizer {
     }
 
     /// Decides one call. Never fails: anything that goes wrong is a deny that says why.
+    ///
+    /// The structured edges are looked up; Cedar runs only when the action has policies the
+    /// index does not hold, and then only those. The outcome is Cedar's over the whole slice.
     pub fn decide(&self, req: &CallRequest<'_>) -> Decision {
-        let principal = self.agent_uid(req.principal);
-        let (resource, created) = match self.resource_uid(req.resource) {
-            Ok(r) => r,
-            Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
+        let slot = &self.index[req.action.index()];
+        let (kind, entity_id) = match req.resource {
+            Resource::Agent(_) => (index::Kind::Agent, None),
+            Resource::Tool { server, tool } => (index::Kind::Tool, Some((server, tool))),
+            Resource::Model { provider, model } => (index::Kind::Model, Some((provider, model))),
         };
-        let context = match self.context(req.context) {
-            Ok(c) => c,
-            Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
-        };
-        let action = self.actions[req.action.index()].clone();
-        let request = match Request::new(principal, action, resource, context, None) {
-            Ok(r) => r,
-            Err(e) => {
-                return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e.to_string()]);
+        // For a tool or model: its listing, if any, and the group attribute policies see.
+        let mut listed = true;
+        let mut group = None;
+        if let Some((g, name)) = entity_id {
+            match self
+                .listed
+                .get(&(kind, format!("{g}/{name}").into_boxed_str()))
+            {
+                None => {
+                    listed = false;
+                    group = Some(g);
+                }
+                Some(value) => group = value.as_deref(),
             }
+        }
+        let subject = index::Subject {
+            kind,
+            resource: req.resource,
+            group,
+        };
+        let matched = slot.matches(req.principal, &subject);
+        if slot.residual.is_empty() {
+            return Self::combine(matched.forbids, matched.permits);
+        }
+
+        let principal = self.agent_uid(req.principal);
+        let (resource, created) = match self.resource_uid(req.resource, listed, |entity| {
+            self.slice_with(req, &principal, entity)
+        }) {
+            Ok(r) => r,
+            Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
         };
         let entities = created.as_ref().unwrap_or(&self.entities);
-        let policies = &self.by_action[req.action.index()];
-        let response = self.cedar.is_authorized(&request, policies, entities);
+        let response = match self.cedar_response(req, principal, resource, &slot.residual, entities)
+        {
+            Ok(r) => r,
+            Err(d) => return d,
+        };
         let diagnostics = response.diagnostics();
+        if let Some(d) = self.evaluation_errors(diagnostics) {
+            return d;
+        }
+        let (mut forbids, mut permits) = (matched.forbids, matched.permits);
+        let reasons = diagnostics.reason().map(|id| self.rule_of(id));
+        match response.decision() {
+            cedar_policy::Decision::Allow => permits.extend(reasons),
+            cedar_policy::Decision::Deny => forbids.extend(reasons),
+        }
+        Self::combine(forbids, permits)
+    }
 
+    /// Cedar's rule: any forbid denies, else any permit allows, else the default deny.
+    fn combine(forbids: Vec<Arc<str>>, permits: Vec<Arc<str>>) -> Decision {
+        if !forbids.is_empty() {
+            Decision::deny(Basis::Forbid, forbids, Vec::new())
+        } else if !permits.is_empty() {
+            Decision {
+                allowed: true,
+                basis: Basis::Permit,
+                rules: permits,
+                errors: Vec::new(),
+            }
+        } else {
+            Decision::deny(Basis::DefaultDeny, Vec::new(), Vec::new())
+        }
+    }
+
+    /// The decision of plain Cedar over every policy of the action, as before the edge index
+    /// existed: the reference the fast path is tested and benchmarked against.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn decide_with_cedar_only(&self, req: &CallRequest<'_>) -> Decision {
+        let principal = self.agent_uid(req.principal);
+        let listed = match req.resource {
+            Resource::Agent(_) => true,
+            Resource::Tool { .. } | Resource::Model { .. } => false,
+        };
+        let (resource, created) = match self.resource_uid(req.resource, listed, |entity| {
+            self.entities
+                .clone()
+                .add_entities([entity], None)
+                .map_err(|e| format!("cannot add {} to the entities: {e}", req.resource))
+        }) {
+            Ok(r) => r,
+            Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
+        };
+        let entities = created.as_ref().unwrap_or(&self.entities);
+        let policies = &self.reference[req.action.index()];
+        let response = match self.cedar_response(req, principal, resource, policies, entities) {
+            Ok(r) => r,
+            Err(d) => return d,
+        };
+        let diagnostics = response.diagnostics();
+        if let Some(d) = self.evaluation_errors(diagnostics) {
+            return d;
+        }
+        let rules: Vec<Arc<str>> = diagnostics.reason().map(|id| self.rule_of(id)).collect();
+        match response.decision() {
+            cedar_policy::Decision::Allow => Self::combine(Vec::new(), rules),
+            cedar_policy::Decision::Deny => Self::combine(rules, Vec::new()),
+        }
+    }
+
+    fn cedar_response(
+        &self,
+        req: &CallRequest<'_>,
+        principal: EntityUid,
+        resource: EntityUid,
+        policies: &PolicySet,
+        entities: &Entities,
+    ) -> Result<cedar_policy::Response, Decision> {
+        let context = self
+            .context(req.context)
+            .map_err(|e| Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]))?;
+        let action = self.actions[req.action.index()].clone();
+        let request = Request::new(principal, action, resource, context, None)
+            .map_err(|e| Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e.to_string()]))?;
+        Ok(self.cedar.is_authorized(&request, policies, entities))
+    }
+
+    /// Cedar skips a policy that fails to evaluate; we deny, naming it.
+    fn evaluation_errors(&self, diagnostics: &cedar_policy::Diagnostics) -> Option<Decision> {
         let mut failed = Vec::new();
         let mut errors = Vec::new();
         for error in diagnostics.errors() {
@@ -427,23 +563,40 @@ impl Authorizer {
             failed.push(self.rule_of(e.policy_id()));
             errors.push(error.to_string());
         }
-        if !failed.is_empty() {
-            return Decision::deny(Basis::EvaluationError, failed, errors);
-        }
+        (!failed.is_empty()).then(|| Decision::deny(Basis::EvaluationError, failed, errors))
+    }
 
-        let rules: Vec<Arc<str>> = diagnostics.reason().map(|id| self.rule_of(id)).collect();
-        match response.decision() {
-            cedar_policy::Decision::Allow => Decision {
-                allowed: true,
-                basis: Basis::Permit,
-                rules,
-                errors,
-            },
-            cedar_policy::Decision::Deny if rules.is_empty() => {
-                Decision::deny(Basis::DefaultDeny, rules, errors)
-            }
-            cedar_policy::Decision::Deny => Decision::deny(Basis::Forbid, rules, errors),
+    /// The store a residual policy reads when the resource is not listed: without copying the
+    /// bundle's, just the entities a policy can reach plus the resource, when the bundle allows
+    /// it ([`index::sliceable`]); otherwise a copy of the whole store with the resource added.
+    fn slice_with(
+        &self,
+        req: &CallRequest<'_>,
+        principal: &EntityUid,
+        resource: Entity,
+    ) -> Result<Entities, String> {
+        let cannot =
+            |e: &dyn fmt::Display| format!("cannot add {} to the entities: {e}", req.resource);
+        if !self.sliceable {
+            return self
+                .entities
+                .clone()
+                .add_entities([resource], None)
+                .map_err(|e| cannot(&e));
         }
+        let slot = &self.index[req.action.index()];
+        let action = &self.actions[req.action.index()];
+        let mut entities: Vec<Entity> = Vec::with_capacity(slot.literals.len() + 3);
+        for uid in [principal, action] {
+            if let Some(e) = self.entities.get(uid)
+                && !slot.literals.iter().any(|l| l.uid() == *uid)
+            {
+                entities.push(e.clone());
+            }
+        }
+        entities.extend(slot.literals.iter().cloned());
+        entities.push(resource);
+        Entities::from_entities(entities, None).map_err(|e| cannot(&e))
     }
 
     fn rule_of(&self, id: &PolicyId) -> Arc<str> {
@@ -489,18 +642,19 @@ impl Authorizer {
         Entity::new(uid, map, HashSet::new()).map_err(|e| AuthzError::Entities(e.to_string()))
     }
 
-    /// The resource's uid, and an entity store extended with it when the bundle's entities do
-    /// not list it (an unlisted tool or model). Cloning the store costs O(entities); only
-    /// resources the control plane never named pay it.
+    /// The resource's uid, and — when it is a tool or model the bundle's entities do not list
+    /// — the store `with` makes holding it (the bundle's own when `listed`).
     fn resource_uid(
         &self,
         resource: Resource<'_>,
+        listed: bool,
+        with: impl FnOnce(Entity) -> Result<Entities, String>,
     ) -> Result<(EntityUid, Option<Entities>), String> {
         let (uid, entity) = match resource {
             Resource::Agent(name) => return Ok((self.agent_uid(name), None)),
             Resource::Tool { server, tool } => {
                 let uid = self.tool_uid(server, tool);
-                if self.entities.get(&uid).is_some() {
+                if listed || self.entities.get(&uid).is_some() {
                     return Ok((uid, None));
                 }
                 let entity = self
@@ -512,7 +666,7 @@ impl Authorizer {
                 let id = format!("{provider}/{model}");
                 let uid =
                     EntityUid::from_type_name_and_id(self.model_type.clone(), EntityId::new(id));
-                if self.entities.get(&uid).is_some() {
+                if listed || self.entities.get(&uid).is_some() {
                     return Ok((uid, None));
                 }
                 let attrs = HashMap::from([
@@ -530,12 +684,7 @@ impl Authorizer {
                 (uid, entity)
             }
         };
-        let entities = self
-            .entities
-            .clone()
-            .add_entities([entity], None)
-            .map_err(|e| format!("cannot add {resource} to the entities: {e}"))?;
-        Ok((uid, Some(entities)))
+        Ok((uid, Some(with(entity)?)))
     }
 
     fn context(&self, ctx: &CallContext) -> Result<Context, String> {
@@ -575,5 +724,11 @@ impl Authorizer {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
+pub mod fixtures;
+mod index;
+
+#[cfg(test)]
+mod fast_path_tests;
 #[cfg(test)]
 mod tests;
