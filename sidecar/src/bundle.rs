@@ -53,6 +53,36 @@ pub struct Snapshot {
     pub bundle: Bundle,
     pub authorizer: Authorizer,
     pub enforced_since: SystemTime,
+    /// Where each peer is in `bundle.content.peers`, by name: every call looks its peer up, and
+    /// a namespace may hold thousands of agents.
+    peers: std::collections::HashMap<String, usize>,
+}
+
+impl Snapshot {
+    pub fn new(bundle: Bundle, authorizer: Authorizer) -> Self {
+        let peers = bundle
+            .content
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
+        Snapshot {
+            bundle,
+            authorizer,
+            enforced_since: SystemTime::now(),
+            peers,
+        }
+    }
+
+    /// This agent or a peer, by name.
+    pub fn agent_named(&self, name: &str) -> Option<&ringfence_crds::bundle::AgentEntry> {
+        let content = &self.bundle.content;
+        if content.agent.name == name {
+            return Some(&content.agent);
+        }
+        self.peers.get(name).and_then(|&i| content.peers.get(i))
+    }
 }
 
 /// What to do with one line of the stream.
@@ -123,11 +153,7 @@ pub fn admit(line: &[u8], agent: &AgentKey, current: Option<&Snapshot>) -> Admis
         };
     }
     match Authorizer::build(&bundle.content.policy, &bundle.content.tools) {
-        Ok(authorizer) => Admission::Enforce(Box::new(Snapshot {
-            bundle,
-            authorizer,
-            enforced_since: SystemTime::now(),
-        })),
+        Ok(authorizer) => Admission::Enforce(Box::new(Snapshot::new(bundle, authorizer))),
         Err(source) => reject(BundleError::Policy {
             version: bundle.version,
             source,

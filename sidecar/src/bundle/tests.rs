@@ -131,3 +131,18 @@ fn an_oversized_line_is_dropped_and_the_stream_goes_on() {
         vec!["<too long>", "fine"]
     );
 }
+
+#[test]
+fn a_snapshot_finds_this_agent_and_its_peers_by_name() {
+    let b = Bundle::new(1, bundle_content(&agent(), &[ORCHESTRATOR_DELEGATES]));
+    let s = enforce(&line(&b), None);
+    assert_eq!(
+        s.agent_named("orchestrator").map(|a| a.name.as_str()),
+        Some("orchestrator")
+    );
+    for peer in &b.content.peers {
+        assert_eq!(s.agent_named(&peer.name), Some(peer));
+    }
+    assert!(!b.content.peers.is_empty());
+    assert!(s.agent_named("nobody").is_none());
+}

@@ -35,9 +35,7 @@ pub async fn handle(
         .as_ref()
         .and_then(|id| {
             let snap = p.snapshots.borrow().clone()?;
-            snap.bundle
-                .content
-                .agent_named(id.name())
+            snap.agent_named(id.name())
                 .filter(|a| a.namespace == id.namespace())
                 .map(|a| a.name.clone())
         })

@@ -93,7 +93,7 @@ async fn outbound(
     let content = &snap.bundle.content;
     let target = route(req.uri(), content).map_err(|d| (unknown(), d, None))?;
     let (kind, known) = match &target {
-        Target::Agent { name, .. } => ("agent", content.agent_named(name).map(|a| a.name.clone())),
+        Target::Agent { name, .. } => ("agent", snap.agent_named(name).map(|a| a.name.clone())),
         Target::Tool { server, .. } => (
             "tool",
             content
@@ -400,22 +400,17 @@ async fn call_agent(
 ) -> Result<Response<Body>, Denial> {
     let content = &snap.bundle.content;
     let me = content.agent.name.as_str();
-    let peer: &AgentEntry = content
-        .peers
-        .iter()
-        .find(|a| a.name == callee)
-        .or_else(|| (content.agent.name == callee).then_some(&content.agent))
-        .ok_or_else(|| {
-            Denial::new(
-                Kind::BadRequest,
-                format!(
-                    "no agent named {callee:?} in namespace {}",
-                    content.agent.namespace
-                ),
-            )
-            .edge(me, callee)
-            .run(&ctx.run)
-        })?;
+    let peer: &AgentEntry = snap.agent_named(callee).ok_or_else(|| {
+        Denial::new(
+            Kind::BadRequest,
+            format!(
+                "no agent named {callee:?} in namespace {}",
+                content.agent.namespace
+            ),
+        )
+        .edge(me, callee)
+        .run(&ctx.run)
+    })?;
 
     // What the call is, for the decision and the record.
     let well_known_card = parts.method == http::Method::GET
