@@ -2,6 +2,7 @@
 
 mod budget;
 mod data_plane;
+mod demo;
 mod local_mode;
 mod openai_client;
 mod rotation;

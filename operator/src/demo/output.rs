@@ -43,7 +43,11 @@ impl Progress {
                 b.push_str(text);
                 b.push('\n');
             }
-            None => println!("{text}"),
+            // A closed pipe (`ringfence demo | head`) must not stop the demo half-way.
+            None => {
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stdout().lock(), "{text}");
+            }
         }
     }
 
