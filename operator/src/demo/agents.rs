@@ -281,13 +281,26 @@ pub fn send_message(text: &str) -> Value {
     })
 }
 
+/// Why a call got no answer at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error("the HTTP exchange failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("cannot build the request: {0}")]
+    Request(#[from] http::Error),
+    #[error("cannot read the answer (over {MAX_ANSWER} bytes, or cut off): {0}")]
+    Answer(String),
+}
+
 /// One POST on a fresh loopback connection: status, headers, body.
 pub async fn post(
     addr: SocketAddr,
     path: &str,
     headers: &[(&str, String)],
     body: String,
-) -> anyhow::Result<(StatusCode, HeaderMap, Bytes)> {
+) -> Result<(StatusCode, HeaderMap, Bytes), CallError> {
     let tcp = TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
@@ -306,7 +319,7 @@ pub async fn post(
     let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
         .collect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot read the answer: {e}"))?
+        .map_err(|e| CallError::Answer(e.to_string()))?
         .to_bytes();
     Ok((status, headers, bytes))
 }
