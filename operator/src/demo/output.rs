@@ -171,7 +171,7 @@ pub fn summary(rows: &[(&Act, &Verdict)]) -> String {
 /// Where the traces went when an OTLP endpoint is set.
 pub fn traces_otlp(endpoint: &str) -> String {
     format!(
-        "\nTraces: OTEL_EXPORTER_OTLP_ENDPOINT is {endpoint}; every sidecar exported its spans there, one trace per run (service name = agent name, attribute ringfence.run.id)."
+        "\nTraces: OTEL_EXPORTER_OTLP_ENDPOINT is {endpoint}; the sidecars, which inherit it, export their spans there: one trace per run (service name = agent name, attribute ringfence.run.id)."
     )
 }
 
