@@ -49,7 +49,7 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> anyho
         None => {
             progress.line("\nInterrupted; stopping everything.");
             system.shutdown().await?;
-            return Ok(false);
+            anyhow::bail!("interrupted before the last act; everything was stopped");
         }
         Some(Err(e)) => {
             let _ = system.shutdown().await;
