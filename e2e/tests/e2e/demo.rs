@@ -208,3 +208,48 @@ fn keep_running_leaves_the_system_up_with_instructions_and_stops_it_on_sigterm()
     );
     assert_eq!(processes_under(tmp.path()), Vec::<String>::new());
 }
+
+#[test]
+fn ctrl_c_in_the_middle_stops_everything_and_says_it_was_interrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = demo(tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("round 1: orchestrator planned") {
+            break;
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("Interrupted; stopping everything.")),
+        "{rest:?}"
+    );
+    assert!(
+        stderr.contains("interrupted before the last act"),
+        "{stderr}"
+    );
+    assert_eq!(processes_under(tmp.path()), Vec::<String>::new());
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ringfence-demo-"))
+        .collect();
+    assert!(left.is_empty(), "temporary folders left: {left:?}");
+}
