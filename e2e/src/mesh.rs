@@ -244,6 +244,7 @@ impl Mesh {
             spawn_sidecars: false,
             sidecar_bin: None,
             database: None,
+            sidecar_logs: None,
         })
         .unwrap();
         let state = local.state_dir().to_owned();

@@ -10,6 +10,7 @@ pub mod budget;
 pub mod cli;
 pub mod cluster;
 pub mod compile;
+pub mod demo;
 pub mod distribute;
 pub mod identity;
 pub mod runs;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ringfence::cli::{check, local, runs};
+use ringfence::cli::{check, demo, local, runs};
 use ringfence_crds::TrustDomain;
 
 #[derive(Parser)]
@@ -22,6 +22,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Replay the overnight-loop incident on this machine: the loop halted by its run budget,
+    /// cut at its first hop by policy, then each control (depth, cycles, rate, stall, taint)
+    /// in isolation. Needs ringfence-sidecar beside this binary.
+    Demo {
+        /// Leave everything running afterwards, with instructions to explore it (Ctrl-C stops).
+        #[arg(long)]
+        keep_running: bool,
+        /// Where the runs' Jaeger trace files go when OTEL_EXPORTER_OTLP_ENDPOINT is not set.
+        #[arg(long, value_name = "DIR", default_value = "ringfence-demo")]
+        out: PathBuf,
+    },
     /// Run the whole control plane on this machine from a folder of manifests.
     Local {
         /// The folder of Agent, AgentPolicy and RunBudget manifests (watched for changes).
@@ -108,8 +119,13 @@ enum Command {
 }
 
 fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// Logs to standard error at `default` unless RUST_LOG says otherwise.
+fn init_tracing_at(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -182,6 +198,7 @@ fn main() -> ExitCode {
                 spawn_sidecars,
                 sidecar_bin,
                 database,
+                sidecar_logs: None,
             };
             let result = tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::from)
@@ -189,6 +206,28 @@ fn main() -> ExitCode {
                     rt.block_on(async { local::Local::new(opts)?.run(shutdown_signal()).await })
                 });
             exit(result)
+        }
+        Command::Demo { keep_running, out } => {
+            // The story goes to standard output; only errors are logged.
+            init_tracing_at("error");
+            let opts = demo::DemoOptions {
+                keep_running,
+                out: Some(out),
+            };
+            let result = tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(demo::run(opts, shutdown_signal())));
+            match result {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => {
+                    eprintln!("error: not every act of the demo ended as it should (see above)");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Runs { ledger, command } => {
             let result = tokio::runtime::Runtime::new()

@@ -35,6 +35,9 @@ pub struct LocalOptions {
     pub sidecar_bin: Option<PathBuf>,
     /// The budget store: a SQLite file path or a `postgres://` URL [default: `<state>/budget.db`].
     pub database: Option<String>,
+    /// Where spawned sidecars write their logs (`<dir>/<agent>.log`) [default: this process's
+    /// output].
+    pub sidecar_logs: Option<PathBuf>,
 }
 
 /// A running local control plane.
@@ -221,6 +224,7 @@ impl Local {
                 .unwrap_or_else(spawn::default_sidecar_binary),
             control_plane: url,
             ca_file: self.trust_bundle_file(),
+            log_dir: self.opts.sidecar_logs.clone(),
         };
         let mut sidecars = Sidecars::new(launch.clone());
         if self.opts.spawn_sidecars {

@@ -16,6 +16,9 @@ pub struct SidecarLaunch {
     pub binary: PathBuf,
     pub control_plane: String,
     pub ca_file: PathBuf,
+    /// Where each sidecar's output goes, as `<dir>/<agent name>.log`; `None` keeps it on this
+    /// process's own output. (`ringfence demo` keeps its terminal for the story.)
+    pub log_dir: Option<PathBuf>,
 }
 
 /// The arguments of one agent's sidecar, or `None` when its manifest does not say where it
@@ -92,12 +95,19 @@ impl Sidecars {
                 }
             }
             let restarts = self.running.get(&key).map_or(0, |r| r.restarts);
-            match Command::new(&self.launch.binary)
-                .args(&args)
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-            {
+            let mut cmd = Command::new(&self.launch.binary);
+            cmd.args(&args).stdin(Stdio::null()).kill_on_drop(true);
+            if let Some(dir) = &self.launch.log_dir {
+                match log_file(dir, &key) {
+                    Ok((out, err)) => {
+                        cmd.stdout(out).stderr(err);
+                    }
+                    Err(e) => {
+                        tracing::warn!(agent = %key, dir = %dir.display(), error = %e, "cannot open the sidecar's log file; its output stays on this terminal")
+                    }
+                }
+            }
+            match cmd.spawn() {
                 Ok(child) => {
                     tracing::info!(agent = %key, pid = child.id(), "started sidecar");
                     self.running.insert(
@@ -138,6 +148,18 @@ impl Sidecars {
         }
         self.running.clear();
     }
+}
+
+/// The sidecar's log file in `dir`, opened for appending (a restarted sidecar adds to it), once
+/// for standard output and once for standard error.
+fn log_file(dir: &Path, key: &AgentKey) -> std::io::Result<(std::fs::File, std::fs::File)> {
+    std::fs::create_dir_all(dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{}.log", key.name)))?;
+    let copy = file.try_clone()?;
+    Ok((file, copy))
 }
 
 /// `ringfence-sidecar` beside the running binary, else the one on PATH.

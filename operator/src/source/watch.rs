@@ -26,6 +26,10 @@ pub struct WatchError {
 pub struct FolderWatch {
     _watcher: notify::RecommendedWatcher,
     rx: mpsc::UnboundedReceiver<()>,
+    /// A change was received and its quiet period has not ended: kept across calls so that
+    /// [`FolderWatch::changed`] dropped mid-wait (a `select!` taking another branch) never
+    /// loses the change.
+    pending: bool,
 }
 
 impl FolderWatch {
@@ -55,17 +59,38 @@ impl FolderWatch {
         Ok(Self {
             _watcher: watcher,
             rx,
+            pending: false,
         })
     }
 
     /// Waits for a change, then for the folder to be quiet. `None` once the watch has stopped.
+    /// Cancel-safe: a change seen by a call that was dropped is reported by the next call.
     pub async fn changed(&mut self) -> Option<()> {
-        self.rx.recv().await?;
-        loop {
-            match tokio::time::timeout(QUIET, self.rx.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) | Err(_) => return Some(()),
-            }
+        if !self.pending {
+            self.rx.recv().await?;
+            self.pending = true;
         }
+        while let Ok(Some(())) = tokio::time::timeout(QUIET, self.rx.recv()).await {}
+        self.pending = false;
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_change_seen_by_a_dropped_wait_is_reported_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut watch = FolderWatch::new(dir.path()).unwrap();
+        std::fs::write(dir.path().join("a.yaml"), "kind: Agent\n").unwrap();
+        // Dropped inside the quiet period, as `ringfence local`'s select! loop may drop it when
+        // its once-a-second sidecar check fires.
+        let _ = tokio::time::timeout(QUIET / 2, watch.changed()).await;
+        let reported = tokio::time::timeout(Duration::from_secs(10), watch.changed()).await;
+        assert_eq!(reported, Ok(Some(())), "the change was lost");
     }
 }

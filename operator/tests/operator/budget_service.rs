@@ -623,6 +623,7 @@ async fn the_local_control_plane_serves_the_budget_service_from_its_state_folder
         spawn_sidecars: false,
         sidecar_bin: None,
         database: None,
+        sidecar_logs: None,
     })
     .expect("a local control plane");
     let state = local.state_dir().to_owned();

@@ -46,6 +46,7 @@ impl Plane {
             spawn_sidecars: false,
             sidecar_bin: None,
             database: None,
+            sidecar_logs: None,
         };
         let local = Local::new(opts).unwrap();
         let state = local.state_dir().to_owned();
