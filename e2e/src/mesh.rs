@@ -137,6 +137,19 @@ impl App {
     }
 }
 
+/// An MCP tool server that answers every call with one text result, on a free loopback port.
+pub async fn mcp_server(tool_result: &'static str) -> (SocketAddr, App) {
+    let app = App::new();
+    app.on(move |_| async move {
+        let result = serde_json::json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": tool_result}]}});
+        json_response(StatusCode::OK, &result.to_string())
+    });
+    let addr = SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
+    let listener = TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(app.clone().serve(listener));
+    (addr, app)
+}
+
 /// A streaming `text/event-stream` response fed by `rx`.
 pub fn sse_response(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<AppBody> {
     let frames = futures_util::stream::unfold(rx, |mut rx| async move {

@@ -1,16 +1,14 @@
 //! The data plane's promises, each proven through real sidecars with real mTLS on loopback,
 //! fed by the real control plane: the scenarios of the overnight-loop incident.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use ringfence_e2e::free_port;
-use ringfence_e2e::mesh::{App, Mesh, call, json_response, send_message, send_on};
-use tokio::net::{TcpListener, TcpStream};
+use ringfence_e2e::mesh::{Mesh, call, json_response, mcp_server, send_message, send_on};
+use tokio::net::TcpStream;
 
 const INCIDENT: &str = "\
 apiVersion: ringfence.dev/v1alpha1
@@ -558,15 +556,6 @@ async fn an_a2a_stream_arrives_incrementally_through_the_mesh() {
     let rest = body.collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&rest).contains("\"n\":2"));
     assert!(started.elapsed() >= Duration::from_secs(2));
-}
-
-async fn mcp_server(tool_result: &'static str) -> (SocketAddr, App) {
-    let app = App::new();
-    app.on(move |_| async move { json_response(StatusCode::OK, &format!(r#"{{"jsonrpc":"2.0","id":1,"result":{{"content":[{{"type":"text","text":"{tool_result}"}}]}}}}"#)) });
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let listener = TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(app.clone().serve(listener));
-    (addr, app)
 }
 
 fn tool_call(id: u32, name: &str) -> String {

@@ -5,7 +5,6 @@
 //! the overnight loop's first hop), orchestrator → writer → the LLM. The apps forward only the
 //! `ringfence-context` header, never `traceparent`: the sidecars keep the trace from it.
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,10 +12,9 @@ use http::{Method, StatusCode};
 use ringfence::budget::store::Store;
 use ringfence::cli::runs::{ShowFormat, render};
 use ringfence_e2e::llm::{self, CHAT_IN, CHAT_OUT};
-use ringfence_e2e::mesh::{App, Mesh, call, json_response, send_message};
+use ringfence_e2e::mesh::{Mesh, call, json_response, mcp_server, send_message};
 use ringfence_e2e::otlp::{Received, Receiver};
-use ringfence_e2e::{binary, eventually, free_port};
-use tokio::net::TcpListener;
+use ringfence_e2e::{binary, eventually};
 
 const POLICY: &str = "\
 apiVersion: ringfence.dev/v1alpha1
@@ -39,20 +37,6 @@ spec:
     - from: [research, writer]
       agents: [orchestrator]
 ";
-
-async fn web_search() -> SocketAddr {
-    let app = App::new();
-    app.on(|_| async {
-        json_response(
-            StatusCode::OK,
-            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"three sources"}]}}"#,
-        )
-    });
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let listener = TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(app.serve(listener));
-    addr
-}
 
 fn tool_call() -> String {
     serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"web_search","arguments":{"q":"overnight loop"}}}).to_string()
@@ -80,7 +64,7 @@ async fn a_three_hop_run_is_one_trace_with_its_links_attributes_usage_and_refusa
         std::env::set_var("RINGFENCE_TEST_OPENAI_KEY", "sk-test");
     }
     let (llm_addr, _llm) = llm::start().await;
-    let search = web_search().await;
+    let (search, _) = mcp_server("three sources").await;
     let research = format!("  tools:\n    - {{name: web-search, url: \"http://{search}/mcp\"}}");
     let writer = format!(
         "  models:\n    - {{name: openai, url: \"http://{llm_addr}\", apiKeyEnv: RINGFENCE_TEST_OPENAI_KEY}}"

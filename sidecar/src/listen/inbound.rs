@@ -40,9 +40,8 @@ pub async fn handle(
                 .map(|a| a.name.clone())
         })
         .unwrap_or_else(|| "unknown".to_owned());
-    let mut span = CallSpan::new(Side::Server, &p.agent.name);
+    let mut span = CallSpan::new(Side::Server, &peer_label);
     span.target = p.agent.name.to_string();
-    span.caller.clone_from(&peer_label);
     let resp = match inbound(&p, peer, req, &mut span).await {
         Ok(resp) => resp,
         Err((denial, rpc_id)) => {

@@ -112,7 +112,6 @@ async fn outbound(
         ),
     };
     let label: Label = (kind, known.unwrap_or_else(|| "unknown".to_owned()));
-    span.caller = content.agent.name.clone();
     match &target {
         Target::Agent { name, .. } => {
             (span.operation, span.kind) = (Operation::InvokeAgent, CallKind::Agent);

@@ -80,8 +80,6 @@ pub struct CallSpan {
     pub side: Side,
     pub operation: Operation,
     pub kind: CallKind,
-    /// This agent's name.
-    pub agent: String,
     /// The calling agent (this agent on the client side).
     pub caller: String,
     /// The ledger's name of what was called: an agent, `tool:<server>` or `model:<provider>`.
@@ -118,14 +116,14 @@ pub struct CallSpan {
 }
 
 impl CallSpan {
-    /// A call that starts now. What it is gets filled in as the request path learns it.
-    pub fn new(side: Side, agent: &str) -> Self {
+    /// A call from `caller` that starts now. What it is gets filled in as the request path
+    /// learns it.
+    pub fn new(side: Side, caller: &str) -> Self {
         CallSpan {
             side,
             operation: Operation::InvokeAgent,
             kind: CallKind::Agent,
-            agent: agent.to_owned(),
-            caller: String::new(),
+            caller: caller.to_owned(),
             callee: String::new(),
             target: String::new(),
             trace: None,
@@ -156,9 +154,8 @@ impl CallSpan {
     /// the run's trace (`trace` is the context's), ending as it starts, so every call of the
     /// run has a parent that exists.
     pub fn run_root(agent: &str, trace: TraceParent, run: &str, user: &str) -> Self {
-        let mut span = CallSpan::new(Side::Server, agent);
+        let mut span = CallSpan::new(Side::Server, user);
         span.target = agent.to_owned();
-        span.caller = user.to_owned();
         span.trace = Some(trace);
         span.run = Some(run.to_owned());
         span
