@@ -82,6 +82,11 @@ pub struct AgentSpec {
     /// LLM providers this agent reaches through its sidecar at `/models/<name>/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<ModelProvider>,
+    /// Another agent of this namespace that takes this agent's calls when this one fails
+    /// (cannot be reached, 5xx, 429, or outlives the caller's `perTryTimeoutMillis`). A caller's
+    /// sidecar falls back only when the caller's policy permits invoking the fallback too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
     /// What the agent does, for people reading `kubectl describe`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -135,6 +140,28 @@ pub struct ModelProvider {
     /// a Secret). Absent: no key is added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_env: Option<String>,
+    /// How long to wait for this provider's answer headers before trying the first fallback.
+    /// Absent: only a 5xx or 429 answer falls back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    /// Routes tried in order when this provider answers 5xx or 429, cannot be reached, or
+    /// outlives `timeoutSeconds`. Each names another provider of this agent with the same `api`;
+    /// the call is charged at the price of whichever route answered, and each route's model
+    /// must be permitted by policy (`call_model`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<ModelRoute>,
+}
+
+/// One fallback route for model calls.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRoute {
+    /// The provider (an entry of this agent's `models`) to send the call to.
+    pub provider: String,
+    /// The model to ask that provider for, replacing the request's `model`. Absent: the
+    /// request's model is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// The wire format of an LLM provider.

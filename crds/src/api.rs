@@ -105,6 +105,10 @@ pub struct RunTerms {
     /// Where an alert about this run goes when it breaches its budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alert_webhook: Option<String>,
+    /// The leasing agent's windowed quotas: a lease is granted only while each has room, and
+    /// what is spent under it counts toward each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<crate::quota::QuotaTerm>,
 }
 
 /// A request for a slice of a run's remaining budget.

@@ -73,6 +73,15 @@ pub struct RunBudgetSpec {
     /// Default `FailClosed`: refuse the run's metered calls until it is back.
     #[serde(default)]
     pub on_budget_service_unavailable: Unavailable,
+    /// How the selected agents' sidecars retry failed calls, within a retry budget. Absent: no
+    /// retries. Where several RunBudgets select an agent, the one with the fewest
+    /// `maxAttempts` is in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<crate::retry::RetryPolicy>,
+    /// Token and cost quotas over hours, days or months, counted across runs per agent, team,
+    /// environment or this workflow. Every quota of every RunBudget selecting an agent applies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<crate::quota::Quota>,
 }
 
 /// What happens to metered calls when the budget service cannot be reached.
@@ -149,6 +158,9 @@ pub struct RunBudgetStatus {
     /// The agents the budget currently selects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub selected_agents: Vec<String>,
+    /// What each quota's current window has spent, as the budget service counts it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<crate::quota::QuotaUsage>,
 }
 
 /// Why a limit value is invalid.

@@ -120,6 +120,10 @@ pub struct AgentEntry {
     /// Where its application listens (the sidecar forwards inbound calls there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<String>,
+    /// The agent that takes its calls when it fails (`spec.fallback`), if the caller's policy
+    /// permits invoking that one too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 /// An MCP server reachable from the agent.
@@ -189,6 +193,12 @@ pub struct Limits {
     /// The RunBudgets these limits come from (`<namespace>/<name>`); the workflow for attribution.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub budgets: Vec<String>,
+    /// How this agent's sidecar retries its failed outbound calls; `None`: it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<crate::retry::RetryPolicy>,
+    /// Windowed quotas that count this agent's spending, from every RunBudget selecting it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<crate::quota::QuotaTerm>,
 }
 
 impl Default for Limits {
@@ -205,6 +215,8 @@ impl Default for Limits {
             alert_webhook: None,
             fail_open: false,
             budgets: Vec::new(),
+            retry: None,
+            quotas: Vec::new(),
         }
     }
 }

@@ -7,7 +7,8 @@
 //! - [`AgentPolicy`]: which agent may invoke which agent, tool or model — Cedar text, or
 //!   structured edges that compile to Cedar.
 //! - [`RunBudget`]: the limits of a run through the selected agents — depth, cycles, rate,
-//!   timeouts, tokens, money.
+//!   timeouts, tokens, money; retries ([`retry`]) and quotas over hours, days and months
+//!   ([`quota`]).
 //!
 //! The control plane compiles them into one [`bundle::Bundle`] per agent, which travels to that
 //! agent's sidecars over the messages in [`api`].
@@ -19,6 +20,8 @@ pub mod budget;
 pub mod bundle;
 pub mod condition;
 pub mod policy;
+pub mod quota;
+pub mod retry;
 pub mod selector;
 pub mod spiffe;
 #[cfg(feature = "tls")]

@@ -135,6 +135,7 @@ pub fn bundle_content(agent: &AgentKey, policies: &[(&str, &str)]) -> BundleCont
         may_start_runs: name == "orchestrator",
         inbound: None,
         app: None,
+        fallback: None,
     };
     let names = ["orchestrator", "research", "writer", "critic"];
     let entities: Vec<serde_json::Value> = names

@@ -1,11 +1,13 @@
 //! RunBudgets → the limits in force for each agent: the strictest value of every budget that
-//! selects it, with the agent's own rate-limit override on top.
+//! selects it, with the agent's own rate-limit override on top. Retries: the policy with the
+//! fewest attempts. Quotas: every one of every budget, each resolved to what it counts.
 
 use std::collections::BTreeMap;
 
 use ringfence_crds::Agent;
 use ringfence_crds::budget::{InvokeRate, OnBreach, RunBudget, Unavailable};
 use ringfence_crds::bundle::Limits;
+use ringfence_crds::quota::{QuotaScope, QuotaTerm};
 use ringfence_crds::selector;
 
 use super::diagnostic::{Diagnostic, ResourceRef};
@@ -115,6 +117,25 @@ pub fn for_agent(agent: &Agent, budgets: &[&RunBudget]) -> Limits {
             l.alert_webhook = s.alert.as_ref().and_then(|a| a.webhook.clone());
         }
         let r = budget_ref(b);
+        if let Some(retry) = &s.retry
+            && l.retry.as_ref().is_none_or(|cur| retry.max_attempts < cur.max_attempts)
+        {
+            l.retry = Some(retry.clone());
+        }
+        for (i, q) in s.quotas.iter().enumerate() {
+            if let Some(key) = quota_key(agent, &r.name, q.per) {
+                l.quotas.push(QuotaTerm {
+                    id: format!("{}/{}#{i}", r.namespace, r.name),
+                    key,
+                    window: q.window,
+                    sliding: q.sliding,
+                    max_total_tokens: q.max_total_tokens,
+                    max_cost_micros: q.max_cost_usd.map(|u| u.micros),
+                    on_breach: s.on_breach,
+                    alert_webhook: s.alert.as_ref().and_then(|a| a.webhook.clone()),
+                });
+            }
+        }
         l.budgets.push(format!("{}/{}", r.namespace, r.name));
     }
     if let Some(d) = depth {
@@ -125,6 +146,22 @@ pub fn for_agent(agent: &Agent, budgets: &[&RunBudget]) -> Limits {
     }
     l.invoke_rate_limit = agent.spec.invoke_rate_limit.or(rate);
     l
+}
+
+/// What a quota of `budget` counts `agent`'s spending under; `None` when the agent lacks the
+/// attribute the quota groups by (a per-team quota and an agent with no team).
+pub fn quota_key(agent: &Agent, budget: &str, per: QuotaScope) -> Option<String> {
+    let name = agent.metadata.name.as_deref().unwrap_or_default();
+    match per {
+        QuotaScope::Agent => Some(format!("agent:{name}")),
+        QuotaScope::Team => agent.spec.team.as_ref().map(|t| format!("team:{t}")),
+        QuotaScope::Environment => agent
+            .spec
+            .environment
+            .as_ref()
+            .map(|e| format!("environment:{e}")),
+        QuotaScope::Workflow => Some(format!("workflow:{budget}")),
+    }
 }
 
 /// Used by [`selections`] callers that need the resource of a budget.

@@ -175,6 +175,45 @@ fn check_agent(r: &ResourceRef, a: &Agent, placement: &Placement) -> Option<Diag
             ));
         }
     }
+    for (i, m) in a.spec.models.iter().enumerate() {
+        for (j, route) in m.fallbacks.iter().enumerate() {
+            let field = format!("spec.models[{i}].fallbacks[{j}].provider");
+            let Some(to) = a.spec.models.iter().find(|p| p.name == route.provider) else {
+                return Some(Diagnostic::error(
+                    r,
+                    field,
+                    format!(
+                        "no provider named {:?} in spec.models: a fallback route names another provider of this agent",
+                        route.provider
+                    ),
+                ));
+            };
+            if to.api != m.api {
+                return Some(Diagnostic::error(
+                    r,
+                    field,
+                    format!(
+                        "provider {:?} speaks {:?} but {:?} speaks {:?}: a fallback must speak the same API",
+                        to.name, to.api, m.name, m.api
+                    ),
+                ));
+            }
+            if to.name == m.name && route.model.is_none() {
+                return Some(Diagnostic::error(
+                    r,
+                    field,
+                    "a fallback to the same provider must name another model",
+                ));
+            }
+        }
+    }
+    if a.spec.fallback.as_deref() == Some(r.name.as_str()) {
+        return Some(Diagnostic::error(
+            r,
+            "spec.fallback",
+            "an agent cannot be its own fallback",
+        ));
+    }
     for (i, t) in a.spec.tools.iter().enumerate() {
         if t.name.is_empty() || t.name.contains('/') {
             return Some(Diagnostic::error(
@@ -269,7 +308,19 @@ fn compile_namespace(
     tools.sort_by(|a, b| (&a.server, &a.tool).cmp(&(&b.server, &b.tool)));
     tools.dedup_by(|a, b| a.server == b.server && a.tool == b.tool);
 
+    for a in &n.agents {
+        if let Some(f) = &a.spec.fallback
+            && !known.contains(f)
+        {
+            out.diagnostics.push(Diagnostic::unresolved(
+                &resource_ref("Agent", &a.metadata),
+                "spec.fallback",
+                format!("no Agent named {f:?} in namespace {ns}; calls fall back to it once it exists"),
+            ));
+        }
+    }
     let selections = limits::selections(&n.budgets, &n.agents, &mut out.diagnostics);
+    quota_warnings(&n.budgets, &n.agents, &selections, &mut out.diagnostics);
     let entities = entities::to_json(ns, &n.agents, &tools);
     let entries: Vec<AgentEntry> = n
         .agents
@@ -333,6 +384,47 @@ fn compile_namespace(
     }
 }
 
+/// A per-team or per-environment quota does not count an agent that has no team or
+/// environment: say so rather than let its spending go uncounted silently.
+fn quota_warnings(
+    budgets: &[&ringfence_crds::RunBudget],
+    agents: &[&Agent],
+    selections: &BTreeMap<String, Vec<String>>,
+    out: &mut Vec<Diagnostic>,
+) {
+    for b in budgets {
+        let r = limits::budget_ref(b);
+        let Some(chosen) = selections.get(&r.name) else {
+            continue;
+        };
+        for (i, q) in b.spec.quotas.iter().enumerate() {
+            if q.max_total_tokens.is_none() && q.max_cost_usd.is_none() {
+                out.push(Diagnostic::warning(
+                    &r,
+                    format!("spec.quotas[{i}]"),
+                    "this quota sets neither maxTotalTokens nor maxCostUsd, so it limits nothing",
+                ));
+            }
+            for a in agents {
+                let name = a.metadata.name.as_deref().unwrap_or_default();
+                if chosen.iter().any(|c| c == name)
+                    && limits::quota_key(a, &r.name, q.per).is_none()
+                {
+                    out.push(Diagnostic::warning(
+                        &r,
+                        format!("spec.quotas[{i}].per"),
+                        format!(
+                            "Agent {name:?} has no {}, so this quota does not count its spending; set spec.{} on the Agent",
+                            q.per.as_str(),
+                            q.per.as_str()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
 fn agent_uid(name: &str) -> EntityUid {
     EntityUid::from_type_name_and_id(
         "Agent"
@@ -374,6 +466,7 @@ fn agent_entry(ns: &str, a: &Agent, settings: &Settings) -> AgentEntry {
         may_start_runs: a.spec.may_start_runs,
         inbound,
         app,
+        fallback: a.spec.fallback.clone(),
     }
 }
 

@@ -290,3 +290,153 @@ fn cluster_placement_addresses_agents_by_service() {
         "spiffe://prod.example/ns/default/agent/research"
     );
 }
+
+#[test]
+fn the_retry_policy_with_the_fewest_attempts_is_in_force() {
+    use ringfence_crds::retry::RetryPolicy;
+    let mut m = incident();
+    m.budgets[0].spec.retry = Some(RetryPolicy {
+        max_attempts: 4,
+        ..RetryPolicy::default()
+    });
+    let mut careful = m.budgets[0].clone();
+    careful.metadata.name = Some("careful".into());
+    careful.spec.retry = Some(RetryPolicy {
+        max_attempts: 2,
+        budget_percent: 5,
+        ..RetryPolicy::default()
+    });
+    m.budgets.push(careful);
+    let c = compile(&m, &settings(), &LastGood::default());
+    let retry = c.bundles[&key("writer")].limits.retry.clone().unwrap();
+    assert_eq!((retry.max_attempts, retry.budget_percent), (2, 5));
+}
+
+#[test]
+fn quotas_resolve_to_what_each_agent_is_counted_under() {
+    use ringfence_crds::quota::{Quota, QuotaScope, QuotaWindow};
+    let mut m = incident();
+    let quota = |per, window| Quota {
+        per,
+        window,
+        sliding: false,
+        max_total_tokens: Some(1_000_000),
+        max_cost_usd: Some("10".parse().unwrap()),
+    };
+    m.budgets[0].spec.quotas = vec![
+        quota(QuotaScope::Team, QuotaWindow::Day),
+        quota(QuotaScope::Agent, QuotaWindow::Hour),
+        quota(QuotaScope::Workflow, QuotaWindow::Month),
+    ];
+    let c = compile(&m, &settings(), &LastGood::default());
+    assert!(c.errors().next().is_none(), "{:?}", c.diagnostics);
+    let q = &c.bundles[&key("writer")].limits.quotas;
+    let keys: Vec<(&str, &str)> = q.iter().map(|t| (t.id.as_str(), t.key.as_str())).collect();
+    assert_eq!(
+        keys,
+        [
+            ("default/research-workflow#0", "team:research-platform"),
+            ("default/research-workflow#1", "agent:writer"),
+            ("default/research-workflow#2", "workflow:research-workflow"),
+        ]
+    );
+    assert_eq!(q[0].max_cost_micros, Some(10_000_000));
+    assert_eq!(q[0].window, QuotaWindow::Day);
+}
+
+#[test]
+fn a_team_quota_warns_about_an_agent_without_a_team() {
+    use ringfence_crds::quota::{Quota, QuotaScope, QuotaWindow};
+    let mut m = incident();
+    m.budgets[0].spec.quotas = vec![Quota {
+        per: QuotaScope::Team,
+        window: QuotaWindow::Day,
+        sliding: true,
+        max_total_tokens: Some(10),
+        max_cost_usd: None,
+    }];
+    let writer = m
+        .agents
+        .iter_mut()
+        .find(|a| a.metadata.name.as_deref() == Some("writer"))
+        .unwrap();
+    writer.spec.team = None;
+    let c = compile(&m, &settings(), &LastGood::default());
+    assert!(c.bundles[&key("writer")].limits.quotas.is_empty());
+    assert!(
+        c.diagnostics
+            .iter()
+            .any(|d| d.field == "spec.quotas[0].per" && d.message.contains("\"writer\" has no team")),
+        "{:?}",
+        c.diagnostics
+    );
+}
+
+#[test]
+fn fallbacks_must_name_what_exists_and_speak_the_same_api() {
+    use ringfence_crds::agent::{ModelApi, ModelProvider, ModelRoute};
+    let provider = |name: &str, api, fallbacks: Vec<ModelRoute>| ModelProvider {
+        name: name.into(),
+        url: "http://127.0.0.1:1".into(),
+        api,
+        api_key_env: None,
+        timeout_seconds: None,
+        fallbacks,
+    };
+    let route = |p: &str| ModelRoute {
+        provider: p.into(),
+        model: None,
+    };
+    for (models, problem) in [
+        (
+            vec![provider("openai", ModelApi::OpenAI, vec![route("azure")])],
+            "no provider named \"azure\"",
+        ),
+        (
+            vec![
+                provider("openai", ModelApi::OpenAI, vec![route("claude")]),
+                provider("claude", ModelApi::Anthropic, vec![]),
+            ],
+            "must speak the same API",
+        ),
+        (
+            vec![provider("openai", ModelApi::OpenAI, vec![route("openai")])],
+            "must name another model",
+        ),
+    ] {
+        let mut m = incident();
+        m.agents[0].spec.models = models;
+        let c = compile(&m, &settings(), &LastGood::default());
+        assert!(
+            c.errors().any(|d| d.message.contains(problem)),
+            "{problem}: {:?}",
+            c.diagnostics
+        );
+    }
+
+    let mut m = incident();
+    m.agents[0].spec.models = vec![
+        provider("openai", ModelApi::OpenAI, vec![route("backup")]),
+        provider("backup", ModelApi::OpenAI, vec![]),
+    ];
+    m.agents[1].spec.fallback = Some("writer".into());
+    let c = compile(&m, &settings(), &LastGood::default());
+    assert!(c.errors().next().is_none(), "{:?}", c.diagnostics);
+    let name = m.agents[1].metadata.name.clone().unwrap();
+    let peer = c.bundles[&key("orchestrator")]
+        .peers
+        .iter()
+        .find(|p| p.name == name)
+        .unwrap();
+    assert_eq!(peer.fallback.as_deref(), Some("writer"));
+
+    m.agents[1].spec.fallback = Some("nobody".into());
+    let c = compile(&m, &settings(), &LastGood::default());
+    assert!(
+        c.diagnostics
+            .iter()
+            .any(|d| d.field == "spec.fallback" && d.message.contains("\"nobody\"")),
+        "{:?}",
+        c.diagnostics
+    );
+}

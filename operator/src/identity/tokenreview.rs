@@ -333,6 +333,7 @@ mod tests {
                 invoke_rate_limit: None,
                 tools: vec![],
                 models: vec![],
+                fallback: None,
                 description: None,
             },
         );

@@ -126,6 +126,7 @@ pub async fn call_model(
             on_breach: limits.on_breach,
             budgets: limits.budgets.clone(),
             alert_webhook: limits.alert_webhook.clone(),
+            quotas: limits.quotas.clone(),
         };
         // Reserve only what the run limits: a lease holds nothing of an unlimited dimension.
         let tokens = if terms.max_total_tokens.is_some() {

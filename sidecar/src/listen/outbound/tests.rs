@@ -21,6 +21,7 @@ fn entry(name: &str, app: &str) -> AgentEntry {
         may_start_runs: false,
         inbound: Some("127.0.0.1:15602".into()),
         app: Some(app.into()),
+        fallback: None,
     }
 }
 
