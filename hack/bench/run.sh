@@ -7,6 +7,8 @@
 #   bash hack/bench/run.sh                      # report in $BENCH_DIR/report.md
 #   ROUNDS=5 SECONDS_PER_RUN=6 bash hack/bench/run.sh
 #   SKIP_LITELLM=1 bash hack/bench/run.sh       # without the LiteLLM comparison
+#   TARGETS=tracing WORKLOADS=W1 RATES= bash hack/bench/run.sh   # some targets (direct and the
+#                                               # nginx pair always run), W1 only, c=1 only
 #   bash hack/bench/run.sh --micro              # also the criterion micro-benchmarks
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +17,9 @@ LITELLM_VERSION=1.100.5  # newer releases need a certifi newer than the PyPI mir
 BENCH_DIR=${BENCH_DIR:-/tmp/rfbench}
 ROUNDS=${ROUNDS:-3}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-4}
-RATES=${RATES:-1000,3000}
+RATES=${RATES-1000,3000}
+TARGETS=${TARGETS:-}
+WORKLOADS=${WORKLOADS:-}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 mkdir -p "$BENCH_DIR"
 
@@ -52,5 +56,6 @@ fi
 
 python3 hack/bench/suite.py --bin "$TARGET_DIR/release" --dir "$BENCH_DIR" \
   --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" --rates "$RATES" \
+  --targets "$TARGETS" --workloads "$WORKLOADS" \
   --litellm "$LITELLM" --out "$BENCH_DIR/report.md"
 echo "report: $BENCH_DIR/report.md" >&2

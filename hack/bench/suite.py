@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "hack/bench/baselines"
 TICK = os.sysconf("SC_CLK_TCK")
 PROCS = []
+SINK_PORT = 18318
+ALWAYS = ("direct", "nginx 2 hops mTLS")
+wanted = lambda name: True
 
 
 def sh(*args, **kw):
@@ -208,7 +211,17 @@ def main():
     ap.add_argument("--rates", default="1000,3000")
     ap.add_argument("--litellm", default="")
     ap.add_argument("--out", default="-")
+    ap.add_argument("--targets", default="",
+                    help="comma-separated substrings: measure only the targets whose name holds "
+                         "one (direct and the nginx pair always run: the ratios need them)")
+    ap.add_argument("--workloads", default="",
+                    help="comma-separated substrings of workload names (W1, W2, W2s)")
     a = ap.parse_args()
+    global wanted
+    picks = [t.strip() for t in a.targets.split(",") if t.strip()]
+    wanted = lambda name: (not picks or name in ALWAYS
+                           or any(p.lower() in name.lower() for p in picks))
+    wl_picks = [w.strip() for w in a.workloads.split(",") if w.strip()]
     bin_ = Path(a.bin)
     bench = bin_ / "ringfence-bench"
     d = Path(a.dir)
@@ -252,20 +265,31 @@ def main():
     wait_port(18081)
 
     # Ringfence ladder.
+    # label, 1k agents, limits+budget, spans to the OTLP sink. Every rung reports its calls
+    # to the run ledger (the budget service), as a sidecar always does.
     ladder = [
-        ("rf mTLS+Cedar (2 agents)", False, False),
-        ("rf +1k agents/10k edges", True, False),
-        ("rf +limits+budget", True, True),
+        ("rf mTLS+Cedar (2 agents)", False, False, False),
+        ("rf +1k agents/10k edges", True, False, False),
+        ("rf +limits+budget", True, True, False),
+        ("rf +tracing (everything on)", True, True, True),
     ]
+    ladder = [r for r in ladder if wanted(r[0])]
     rf = {}
-    for i, (label, thousand, limits) in enumerate(ladder):
+    otel_off = {"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}
+    otel_on = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{SINK_PORT}",
+               "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "",
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    if any(r[3] for r in ladder):
+        spawn([str(bench), "sink", "--listen", f"127.0.0.1:{SINK_PORT}"], 1, log=d / "sink.log")
+        wait_port(SINK_PORT)
+    for i, (label, thousand, limits, tracing) in enumerate(ladder):
         base = 21000 + i * 100
         folder = d / f"rf{i}"
         shutil.rmtree(folder, ignore_errors=True)
         ringfence_folder(folder, base, thousand, limits)
         p = spawn([str(bin_ / "ringfence"), "local", str(folder), "--spawn-sidecars",
                    "--listen", f"127.0.0.1:{base + 10}"], 0, log=d / f"rf{i}.log",
-                  env={"RUST_LOG": "warn"})
+                  env={"RUST_LOG": "warn", **(otel_on if tracing else otel_off)})
         rf[label] = (p, base)
     for label, (p, base) in rf.items():
         for port in (base + 21, base + 32):
@@ -282,7 +306,7 @@ def main():
 
     # LiteLLM, one worker, on CPU 0.
     litellm = None
-    if a.litellm:
+    if a.litellm and wanted("LiteLLM 1 worker"):
         cfg = d / "litellm.yaml"
         shutil.copy(BASE / "litellm.yaml", cfg)
         litellm = spawn([a.litellm, "--config", str(cfg), "--port", "18400", "--num_workers", "1"],
@@ -344,6 +368,13 @@ def main():
             **({"LiteLLM 1 worker": "http://127.0.0.1:18400/v1/chat/completions"} if litellm else {}),
         }),
     }
+    for wl in list(workloads):
+        if wl_picks and not any(wl.split()[0] == w for w in wl_picks):
+            del workloads[wl]
+            continue
+        for t in list(workloads[wl][2]):
+            if not wanted(t):
+                del workloads[wl][2][t]
     shapes = [("c=1", ["--concurrency", "1", "--requests", str(a.c1_requests),
                        "--duration", str(a.seconds)])]
     shapes += [(f"{r} RPS open loop", ["--rate", str(r), "--duration", str(a.seconds),
@@ -381,6 +412,12 @@ def main():
 
     peak = {t: {k: sum(mem_kb(p, "VmHWM") for p in ps) for k, ps in g.items()}
             for t, g in procs.items()}
+    sink_stats = None
+    if any(r[3] for r in ladder):
+        time.sleep(1)  # the exporter flushes every 500 ms
+        r = subprocess.run(["curl", "-fsS", f"http://127.0.0.1:{SINK_PORT}/stats"],
+                           capture_output=True, text=True)
+        sink_stats = r.stdout.strip() or r.stderr.strip()
     stop_all()
     for name in nginx_pids:
         try:
@@ -432,6 +469,8 @@ def main():
     for t, g in procs.items():
         for k in g:
             w(f"| {t} | {k} | {idle[t][k] / 1024:.1f} | {peak[t][k] / 1024:.1f} |")
+    if sink_stats is not None:
+        w(f"\nOTLP sink (spans of the +tracing rung): {sink_stats}\n")
     text = "\n".join(out) + "\n"
     (d / "results.json").write_text(json.dumps(
         {"|".join(k): v for k, v in results.items()}, indent=1))

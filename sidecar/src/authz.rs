@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cedar_policy::{
     ActionConstraint, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
@@ -252,6 +252,9 @@ pub struct Authorizer {
     /// Whether residual policies may read a per-request store of the few entities they can
     /// reach rather than a copy of the bundle's, for a resource the bundle does not list.
     sliceable: bool,
+    /// The stores made for unlisted resources, by (action, principal, resource): a store is a
+    /// function of those alone, so a tool called again is decided without building it again.
+    stores: Mutex<StoreCache>,
     /// Every policy per action, for the Cedar-only reference decision.
     #[cfg(any(test, feature = "testing"))]
     reference: [PolicySet; 4],
@@ -308,6 +311,36 @@ fn partition_by_action(
         }
     }
     Ok(sets)
+}
+
+/// Stores made for unlisted resources. Bounded: when full it is emptied and fills again with
+/// what is called now, so an agent naming ever new tools costs memory for the bound at most.
+#[derive(Default)]
+struct StoreCache {
+    stores: HashMap<(Action, EntityUid, EntityUid), Arc<Entities>>,
+}
+
+impl StoreCache {
+    /// Small stores (a few entities each) kept at most.
+    const SMALL_STORES: usize = 1024;
+    /// Copies of the whole bundle's store kept at most (when the bundle cannot be sliced).
+    const WHOLE_STORES: usize = 8;
+
+    fn get(&self, key: &(Action, EntityUid, EntityUid)) -> Option<Arc<Entities>> {
+        self.stores.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: (Action, EntityUid, EntityUid), store: Arc<Entities>, bound: usize) {
+        if self.stores.len() >= bound {
+            self.stores.clear();
+        }
+        self.stores.insert(key, store);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.stores.len()
+    }
 }
 
 fn type_name(s: &str) -> Result<EntityTypeName, AuthzError> {
@@ -377,6 +410,7 @@ impl Authorizer {
             index: Default::default(),
             listed: HashMap::new(),
             sliceable: index::sliceable(&slice.entities),
+            stores: Mutex::default(),
             #[cfg(any(test, feature = "testing"))]
             reference: partition_by_action(&policies, &actions)?,
             entities,
@@ -461,13 +495,15 @@ impl Authorizer {
         }
 
         let principal = self.agent_uid(req.principal);
-        let (resource, created) = match self.resource_uid(req.resource, listed, |entity| {
-            self.slice_with(req, &principal, entity)
-        }) {
-            Ok(r) => r,
+        let (resource, created) = match self.resource_uid(req.resource, listed) {
+            Ok((uid, false)) => (uid, None),
+            Ok((uid, true)) => match self.store_for(req, &principal, &uid) {
+                Ok(store) => (uid, Some(store)),
+                Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
+            },
             Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
         };
-        let entities = created.as_ref().unwrap_or(&self.entities);
+        let entities = created.as_deref().unwrap_or(&self.entities);
         let response = match self.cedar_response(req, principal, resource, &slot.residual, entities)
         {
             Ok(r) => r,
@@ -511,13 +547,18 @@ impl Authorizer {
             Resource::Agent(_) => true,
             Resource::Tool { .. } | Resource::Model { .. } => false,
         };
-        let (resource, created) = match self.resource_uid(req.resource, listed, |entity| {
+        let with_resource = |uid: &EntityUid| {
             self.entities
                 .clone()
-                .add_entities([entity], None)
+                .add_entities([self.resource_entity(req.resource, uid.clone())?], None)
                 .map_err(|e| format!("cannot add {} to the entities: {e}", req.resource))
-        }) {
-            Ok(r) => r,
+        };
+        let (resource, created) = match self.resource_uid(req.resource, listed) {
+            Ok((uid, false)) => (uid, None),
+            Ok((uid, true)) => match with_resource(&uid) {
+                Ok(store) => (uid, Some(store)),
+                Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
+            },
             Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
         };
         let entities = created.as_ref().unwrap_or(&self.entities);
@@ -642,33 +683,32 @@ impl Authorizer {
         Entity::new(uid, map, HashSet::new()).map_err(|e| AuthzError::Entities(e.to_string()))
     }
 
-    /// The resource's uid, and — when it is a tool or model the bundle's entities do not list
-    /// — the store `with` makes holding it (the bundle's own when `listed`).
+    /// The resource's uid, and whether it is a tool or model the bundle's entities do not list
+    /// (then a decision needs a store that holds it).
     fn resource_uid(
         &self,
         resource: Resource<'_>,
         listed: bool,
-        with: impl FnOnce(Entity) -> Result<Entities, String>,
-    ) -> Result<(EntityUid, Option<Entities>), String> {
-        let (uid, entity) = match resource {
-            Resource::Agent(name) => return Ok((self.agent_uid(name), None)),
-            Resource::Tool { server, tool } => {
-                let uid = self.tool_uid(server, tool);
-                if listed || self.entities.get(&uid).is_some() {
-                    return Ok((uid, None));
-                }
-                let entity = self
-                    .tool_entity(uid.clone(), server, tool)
-                    .map_err(|e| e.to_string())?;
-                (uid, entity)
-            }
+    ) -> Result<(EntityUid, bool), String> {
+        let (ty, group, name) = match resource {
+            Resource::Agent(name) => return Ok((self.agent_uid(name), false)),
+            Resource::Tool { server, tool } => (&self.tool_type, server, tool),
+            Resource::Model { provider, model } => (&self.model_type, provider, model),
+        };
+        let uid =
+            EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(format!("{group}/{name}")));
+        let missing = !listed && self.entities.get(&uid).is_none();
+        Ok((uid, missing))
+    }
+
+    /// The entity the sidecar gives a tool or model the bundle does not list.
+    fn resource_entity(&self, resource: Resource<'_>, uid: EntityUid) -> Result<Entity, String> {
+        match resource {
+            Resource::Agent(name) => Err(format!("agent {name} is not a tool or a model")),
+            Resource::Tool { server, tool } => self
+                .tool_entity(uid, server, tool)
+                .map_err(|e| e.to_string()),
             Resource::Model { provider, model } => {
-                let id = format!("{provider}/{model}");
-                let uid =
-                    EntityUid::from_type_name_and_id(self.model_type.clone(), EntityId::new(id));
-                if listed || self.entities.get(&uid).is_some() {
-                    return Ok((uid, None));
-                }
                 let attrs = HashMap::from([
                     (
                         "provider".to_owned(),
@@ -679,12 +719,40 @@ impl Authorizer {
                         RestrictedExpression::new_string(model.to_owned()),
                     ),
                 ]);
-                let entity =
-                    Entity::new(uid.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
-                (uid, entity)
+                Entity::new(uid, attrs, HashSet::new()).map_err(|e| e.to_string())
             }
+        }
+    }
+
+    /// The store residual policies read for a resource the bundle does not list: made once per
+    /// (action, principal, resource) and kept, within [`StoreCache`]'s bound.
+    fn store_for(
+        &self,
+        req: &CallRequest<'_>,
+        principal: &EntityUid,
+        resource: &EntityUid,
+    ) -> Result<Arc<Entities>, String> {
+        let key = (req.action, principal.clone(), resource.clone());
+        if let Some(store) = self
+            .stores
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(store);
+        }
+        let entity = self.resource_entity(req.resource, resource.clone())?;
+        let store = Arc::new(self.slice_with(req, principal, entity)?);
+        let bound = if self.sliceable {
+            StoreCache::SMALL_STORES
+        } else {
+            StoreCache::WHOLE_STORES
         };
-        Ok((uid, Some(with(entity)?)))
+        self.stores
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, store.clone(), bound);
+        Ok(store)
     }
 
     fn context(&self, ctx: &CallContext) -> Result<Context, String> {

@@ -11,21 +11,29 @@ use crate::backoff::Backoff;
 
 /// The next batch: waits for one item, then takes more until `max` or until `wait` has passed.
 /// `None` once the queue is closed and empty.
+///
+/// While it gathers, the task sleeps rather than waiting on the queue: a request that queues an
+/// item then wakes nobody, and one batch costs two wake-ups (its first item and the end of the
+/// wait) however many requests fill it. A queue holding `max` items already is taken at once.
 pub async fn next<T>(rx: &mut mpsc::Receiver<T>, max: usize, wait: Duration) -> Option<Vec<T>> {
     let first = rx.recv().await?;
     let mut batch = vec![first];
-    let deadline = tokio::time::sleep(wait);
-    tokio::pin!(deadline);
-    while batch.len() < max {
-        tokio::select! {
-            item = rx.recv() => match item {
-                Some(item) => batch.push(item),
-                None => break,
-            },
-            _ = &mut deadline => break,
-        }
+    drain(rx, &mut batch, max);
+    if batch.len() < max {
+        tokio::time::sleep(wait).await;
+        drain(rx, &mut batch, max);
     }
     Some(batch)
+}
+
+/// Moves what is queued into `batch`, up to `max` items.
+fn drain<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
 }
 
 /// Sends batches until the queue closes. A batch that fails is sent again, whole, after a
@@ -76,6 +84,36 @@ mod tests {
         );
         drop(tx);
         assert_eq!(next(&mut rx, 3, Duration::from_millis(100)).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_queued_during_the_wait_join_the_batch_and_a_full_queue_is_taken_at_once() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tx.send(0).await.unwrap();
+        let gather = tokio::spawn(async move {
+            let batch = next(&mut rx, 10, Duration::from_millis(100)).await;
+            (batch, rx)
+        });
+        tokio::task::yield_now().await;
+        for i in 1..4 {
+            tx.try_send(i).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (batch, mut rx) = gather.await.unwrap();
+        assert_eq!(batch, Some(vec![0, 1, 2, 3]));
+        // A full queue is taken without waiting.
+        for i in 0..10 {
+            tx.try_send(i).unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            next(&mut rx, 10, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .len(),
+            10
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,6 +33,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod recheck;
 pub mod run;
+pub mod runtime;
 pub mod spend;
 pub mod taint;
 pub mod telemetry;

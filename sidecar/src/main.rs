@@ -4,16 +4,22 @@
 use anyhow::Context as _;
 use clap::Parser;
 use ringfence_sidecar::config::Config;
+use ringfence_sidecar::runtime;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
     let config = Config::parse();
+    let (runtime, workers) = runtime::from_env()?;
+    tracing::debug!(workers = workers.get(), "async runtime");
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let running = ringfence_sidecar::run::start(&config)
         .await
         .context("cannot start the sidecar")?;

@@ -4,6 +4,7 @@
 //!   optional fixed delay.
 //! - `load`: an HTTP/1.1 load generator, closed loop (`--concurrency`) or open loop (`--rate`)
 //!   with coordinated-omission correction; prints one JSON line of results.
+//! - `sink`: a loopback OTLP/HTTP endpoint that takes span exports and counts them.
 //! - `certs`: a CA and two leaf certificates for the nginx mTLS baseline.
 //!
 //! `hack/bench/run.sh` drives them; see docs/benchmarks.md.
@@ -11,6 +12,7 @@
 
 mod load;
 mod mock;
+mod sink;
 
 use std::path::PathBuf;
 
@@ -30,6 +32,8 @@ enum Command {
     Mock(mock::Args),
     /// Generate load and print a JSON line of latencies and errors.
     Load(load::Args),
+    /// Take OTLP/HTTP span exports on loopback and count them.
+    Sink(sink::Args),
     /// Write ca.crt, caller.{crt,key}, callee.{crt,key} into DIR.
     Certs { dir: PathBuf },
 }
@@ -38,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Mock(args) => mock::run(args),
         Command::Load(args) => load::run(args),
+        Command::Sink(args) => sink::run(args),
         Command::Certs { dir } => certs(&dir),
     }
 }

@@ -317,7 +317,9 @@ proptest! {
         requests in prop::collection::vec(request(), 1..24),
     ) {
         let authz = build(&spec);
-        for r in &requests {
+        // Twice over: the second time, unlisted resources are decided on the stores the first
+        // time made, under other contexts too.
+        for r in requests.iter().chain(&requests) {
             let (fast, cedar) = both(&authz, r);
             prop_assert_eq!(&fast, &cedar, "request {:?}", r);
         }
@@ -400,4 +402,71 @@ fn a_thousand_agent_slice_decides_like_plain_cedar() {
         }
     }
     assert!(allowed > 0, "some calls of the slice are allowed");
+}
+
+#[test]
+fn an_unlisted_tool_called_again_is_decided_on_the_store_made_the_first_time() {
+    let (slice, tools) = mesh_slice(&Mesh::THOUSAND, 17);
+    let authz = Authorizer::build(&slice, &tools).unwrap();
+    let me = agent_name(17);
+    let decide = |tool: &str, tainted: bool| {
+        let context = CallContext {
+            run: "01JRUN".to_owned(),
+            user: String::new(),
+            depth: 1,
+            path: vec![me.clone()],
+            revisits: 0,
+            taint: if tainted {
+                vec!["web".to_owned()]
+            } else {
+                Vec::new()
+            },
+        };
+        let req = CallRequest {
+            principal: &me,
+            action: Action::CallTool,
+            resource: Resource::Tool {
+                server: "srv-01",
+                tool,
+            },
+            context: &context,
+        };
+        let fast = normalized(authz.decide(&req));
+        assert_eq!(
+            fast,
+            normalized(authz.decide_with_cedar_only(&req)),
+            "{req:?}"
+        );
+        fast
+    };
+    let first = decide("not-in-the-bundle", false);
+    assert_eq!(authz.stores.lock().unwrap().len(), 1);
+    assert_eq!(decide("not-in-the-bundle", false), first);
+    decide("not-in-the-bundle", true);
+    assert_eq!(authz.stores.lock().unwrap().len(), 1, "one store per tool");
+    decide("another-one", false);
+    assert_eq!(authz.stores.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn the_store_cache_is_bounded_and_starts_over_when_full() {
+    let mut cache = StoreCache::default();
+    let uid = |i: usize| EntityUid::from_str(&format!("Tool::\"s/t{i}\"")).unwrap();
+    let principal = EntityUid::from_str("Agent::\"a\"").unwrap();
+    let store = Arc::new(Entities::empty());
+    for i in 0..3 {
+        cache.insert(
+            (Action::CallTool, principal.clone(), uid(i)),
+            store.clone(),
+            3,
+        );
+    }
+    assert_eq!(cache.len(), 3);
+    cache.insert(
+        (Action::CallTool, principal.clone(), uid(3)),
+        store.clone(),
+        3,
+    );
+    assert_eq!(cache.len(), 1);
+    assert!(cache.get(&(Action::CallTool, principal, uid(3))).is_some());
 }
