@@ -94,7 +94,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "ringfence_requests_total",
-                "Calls through the sidecar, by direction (outbound, inbound), kind (agent, tool, model, unknown), peer (the agent, tool server or model provider, as the bundle names it; `unknown` otherwise) and decision (allowed, or the refusal: policy, depth, cycle, rate_limit, timeout, ...).",
+                "Calls through the sidecar, by direction (outbound, inbound), kind (agent, tool, model, discovery, unknown), peer (the agent, tool server or model provider, as the bundle names it; `agents` for a `GET /agents` listing; `unknown` otherwise) and decision (allowed, or the refusal: policy, depth, cycle, rate_limit, timeout, ...).",
             ),
             &["direction", "kind", "peer", "decision"],
         )

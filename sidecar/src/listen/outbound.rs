@@ -19,7 +19,7 @@ use crate::authz::{Action, CallContext, CallRequest, Resource};
 use crate::bundle::Snapshot;
 use crate::context::{self, RunContext};
 use crate::deny::{Denial, Kind};
-use crate::discovery::tools;
+use crate::discovery::{agents, tools};
 use crate::forward::{Body, ForwardError, full, stream};
 use crate::limits;
 use crate::protocol::{a2a, jsonrpc, mcp};
@@ -42,6 +42,13 @@ enum Target {
 /// Serves one outbound request.
 pub async fn handle(p: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    if agents::is_listing(req.method(), req.uri()) {
+        let resp = agents::serve(&p, req.headers()).await;
+        let label = decision(&resp);
+        p.metrics
+            .record_request("outbound", "discovery", "agents", label, started.elapsed());
+        return resp;
+    }
     let mut span = CallSpan::new(Side::Client, &p.agent.name);
     let ((kind, peer), resp) = match outbound(&p, req, &mut span).await {
         Ok(done) => done,
@@ -279,7 +286,7 @@ fn route(uri: &Uri, content: &BundleContent) -> Result<Target, Denial> {
 
 /// The context the app forwarded (verified), or a new run when it forwarded none and this agent
 /// may start runs (then `true`).
-fn restore_or_start(
+pub(crate) fn restore_or_start(
     p: &Proxy,
     snap: &Snapshot,
     headers: &http::HeaderMap,
