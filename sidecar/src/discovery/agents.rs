@@ -4,7 +4,8 @@
 //! Each peer of the bundle is decided as a call to it would be — Cedar `invoke` by this
 //! sidecar's authorizer, then the depth and cycle limits — in the context of the calling run
 //! when the request carries a `ringfence-context` header, else of a run the listing starts (as
-//! any call without one does; the sealed context comes back on the answer). The cards of the
+//! any call without one does; the sealed context comes back on the answer). A run past its
+//! deadline or halted is refused as a call would be. The cards of the
 //! permitted peers are fetched through the mesh (mTLS to each peer's sidecar, which decides the
 //! call again), concurrently ([`CONCURRENCY`]) with a bounded time per peer ([`PER_PEER`]), and
 //! rewritten so their interface URLs point back through this sidecar.
@@ -14,10 +15,10 @@
 //!  "unavailable": [{"name": "critic", "reason": "no answer within 2s"}]}
 //! ```
 //!
-//! Denied peers, and peers that answer that they have no card (404), are simply absent. A peer
-//! that cannot be reached, does not answer in time, or answers with an error or a card that is
-//! not valid JSON is absent from `agents` and named in `unavailable`: one peer never fails the
-//! listing. Fetched cards are cached per bundle version for [`CARD_TTL`]; the decisions are
+//! Denied peers (by this sidecar or the peer's), and peers that answer that they have no card
+//! (404), are simply absent. A peer that cannot be reached (its sidecar, or its sidecar its
+//! app), does not answer in time, or answers with an error or a card that is not valid JSON is
+//! absent from `agents` and named in `unavailable`: one peer never fails the listing. Fetched cards are cached per bundle version for [`CARD_TTL`]; the decisions are
 //! never cached.
 
 use std::collections::HashMap;
@@ -41,7 +42,7 @@ use crate::deny::{DENIED_HEADER, Denial, Kind};
 use crate::forward::{Body, ForwardError, full};
 use crate::limits;
 use crate::protocol::a2a;
-use crate::proxy::{MAX_CARD, Proxy};
+use crate::proxy::{MAX_CARD, Proxy, now_ms};
 use crate::tracecontext::TraceParent;
 
 /// Card fetches in flight at once.
@@ -103,6 +104,18 @@ async fn listing(p: &Arc<Proxy>, headers: &http::HeaderMap) -> Result<Response<B
     let me = content.agent.name.as_str();
     let (ctx, started) =
         crate::listen::outbound::restore_or_start(p, &snap, headers, "(discovery)")?;
+    // A run past its deadline or halted may call no one: refused as a call would be.
+    limits::check_deadline(ctx.deadline_ms, now_ms())
+        .map_err(|b| Denial::breach(&b, me, "(discovery)", &ctx.run))?;
+    if let Some(reason) = p.spend.halted(&ctx.run) {
+        return Err(Denial::new(
+            Kind::Budget,
+            format!("run {} was halted: {reason}", ctx.run),
+        )
+        .rule("onBreach")
+        .edge(me, "(discovery)")
+        .run(&ctx.run));
+    }
     let mut taint = ctx.taint.clone();
     p.taint.merge_into(&ctx.run, &ctx.path, &mut taint);
 
@@ -249,8 +262,17 @@ async fn fetch(p: &Proxy, peer: &AgentEntry, hop_header: &str, trace: &TracePare
             Ok(resp) => resp,
             Err(reason) => return Fetched::Unavailable(reason),
         };
-        if resp.headers().contains_key(DENIED_HEADER) {
-            return Fetched::Absent;
+        if let Some(reason) = resp.headers().get(DENIED_HEADER) {
+            // The peer's sidecar refused the call (policy, limits): not listed. It could not
+            // reach its app, or is not ready: an outage, named.
+            let reason = reason.to_str().unwrap_or_default();
+            if !is_outage(reason) {
+                return Fetched::Absent;
+            }
+            return Fetched::Unavailable(format!(
+                "its sidecar answered {} ({reason})",
+                resp.status()
+            ));
         }
         match resp.status() {
             StatusCode::NOT_FOUND => continue,
@@ -259,6 +281,14 @@ async fn fetch(p: &Proxy, peer: &AgentEntry, hop_header: &str, trace: &TracePare
         }
     }
     Fetched::Absent
+}
+
+/// Whether a refusal by a peer's sidecar (its `ringfence-denied` reason) means the peer is out
+/// of reach rather than out of bounds.
+fn is_outage(reason: &str) -> bool {
+    [Kind::Upstream, Kind::Timeout, Kind::NotReady]
+        .iter()
+        .any(|k| k.name() == reason)
 }
 
 async fn send(

@@ -39,3 +39,13 @@ fn a_cached_card_lasts_its_ttl_within_one_bundle_version() {
         .0 -= CARD_TTL;
     assert_eq!(cache.get("critic", 4), None);
 }
+
+#[test]
+fn a_peer_whose_sidecar_cannot_reach_its_app_is_an_outage_and_a_refusal_is_not() {
+    assert!(is_outage("upstream"));
+    assert!(is_outage("timeout"));
+    assert!(is_outage("not_ready"));
+    assert!(!is_outage("policy"));
+    assert!(!is_outage("cycle"));
+    assert!(!is_outage("budget"));
+}
