@@ -9,10 +9,13 @@ Prints one JSON line per action: what the card says, the agent's report, the kin
 events, or the error the SDK raised (with the sidecar's refusal). Exits non-zero only when it
 cannot run at all; a refused call is an expected outcome the test checks.
 
-Usage: a2a_client.py --base URL [--url INTERFACE_URL] [--binding JSONRPC|HTTP+JSON] ACTION...
-  --base   the agent's base URL: http://<outbound>/agents/<name>, or the agent itself
+Usage: a2a_client.py --base URL [--url INTERFACE_URL] [--binding JSONRPC|HTTP+JSON] [--pick NAME] ACTION...
+  --base   the agent's base URL: http://<outbound>/agents/<name>, or the agent itself; for
+           `discover`, the sidecar's listing: http://<outbound>/agents
   --url    skip discovery and use this interface URL (for calls whose card fetch is refused)
+  --pick   with `discover`: the listed agent whose card the later actions use
   ACTION   card | extended-card | send | stream | get-task (the task the last send created)
+           | discover (the agents the sidecar lists as callable, and those unavailable)
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 from a2a.client import A2ACardResolver, ClientConfig, ClientFactory
 from a2a.helpers import get_artifact_text
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface
+from google.protobuf import json_format
+
 from a2a.types.a2a_pb2 import (
     GetExtendedAgentCardRequest,
     GetTaskRequest,
@@ -61,8 +66,11 @@ async def main() -> None:
     parser.add_argument("--url")
     parser.add_argument("--binding", default="JSONRPC", choices=["JSONRPC", "HTTP+JSON"])
     parser.add_argument("--text", default="find sources on agent loops")
+    parser.add_argument("--pick")
     parser.add_argument(
-        "actions", nargs="+", choices=["card", "extended-card", "send", "stream", "get-task"]
+        "actions",
+        nargs="+",
+        choices=["card", "extended-card", "send", "stream", "get-task", "discover"],
     )
     args = parser.parse_args()
 
@@ -79,6 +87,26 @@ async def main() -> None:
     async with http:
         for action in args.actions:
             try:
+                if action == "discover":
+                    # The sidecar's listing: cards already pointing back through it.
+                    resp = await http.get(args.base)
+                    resp.raise_for_status()
+                    listing = resp.json()
+                    for listed in listing["agents"]:
+                        if listed["name"] == args.pick:
+                            card = json_format.ParseDict(
+                                listed["card"], AgentCard(), ignore_unknown_fields=True
+                            )
+                    emit(
+                        {
+                            "action": action,
+                            "ok": True,
+                            "agents": [a["name"] for a in listing["agents"]],
+                            "unavailable": [u["name"] for u in listing["unavailable"]],
+                            **({"picked": describe(card)} if card else {}),
+                        }
+                    )
+                    continue
                 if action == "card" or card is None:
                     card = await A2ACardResolver(http, args.base).get_agent_card()
                     if action == "card":

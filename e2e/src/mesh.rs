@@ -288,6 +288,8 @@ impl Mesh {
                 app: agent.ports.app,
                 budget: budget.clone(),
                 pricing: None,
+                decision_log: ringfence_sidecar::telemetry::decisions::Level::All,
+                decision_log_file: Some(decisions_file(&state, &agent.ports.name)),
                 exit_with_parent: false,
                 tuning: Tuning::default(),
             };
@@ -428,6 +430,39 @@ impl Mesh {
     pub fn state_dir(&self) -> std::path::PathBuf {
         self.dir.path().join(".ringfence")
     }
+
+    /// The decision log lines `agent`'s sidecar has written so far, parsed (each must be JSON).
+    pub fn decisions(&self, agent: &str) -> Vec<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(decisions_file(&self.state_dir(), agent)).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("a decision line that is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// Waits until `agent`'s decision log holds a line `matches` accepts, and returns it.
+    pub async fn decision(
+        &self,
+        agent: &str,
+        what: &str,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        eventually(
+            Duration::from_secs(10),
+            &format!("{agent}'s decision log to hold {what}"),
+            || async { self.decisions(agent).into_iter().find(|l| matches(l)) },
+        )
+        .await
+        .unwrap()
+    }
+}
+
+/// Where an in-process sidecar of the mesh writes its decision log.
+fn decisions_file(state: &std::path::Path, agent: &str) -> std::path::PathBuf {
+    state.join(format!("{agent}.decisions.jsonl"))
 }
 
 impl Drop for Mesh {

@@ -85,6 +85,21 @@ pub struct Config {
     #[arg(long, env = "RINGFENCE_PRICING", value_name = "PATH")]
     pub pricing: Option<PathBuf>,
 
+    /// Which calls get a JSON decision line (run, caller, callee, method, decision, rule,
+    /// status, latency, tokens, cost, depth, taint): `all`, only refused ones (`deny`), or none.
+    #[arg(
+        long,
+        env = "RINGFENCE_DECISION_LOG",
+        value_name = "LEVEL",
+        value_enum,
+        default_value = "all"
+    )]
+    pub decision_log: crate::telemetry::decisions::Level,
+
+    /// Append decision lines to this file instead of standard output.
+    #[arg(long, env = "RINGFENCE_DECISION_LOG_FILE", value_name = "PATH")]
+    pub decision_log_file: Option<PathBuf>,
+
     /// Exit when the process that started this sidecar goes away (`ringfence local` starts its
     /// sidecars so; killed with -9, it could not stop them itself).
     #[arg(long)]
@@ -135,6 +150,8 @@ mod tests {
         assert_eq!(c.agent, AgentKey::new("team-a", "research").unwrap());
         assert_eq!(c.admin, "127.0.0.1:15020".parse().unwrap());
         assert_eq!(c.token_file, None);
+        assert_eq!(c.decision_log, crate::telemetry::decisions::Level::All);
+        assert_eq!(c.decision_log_file, None);
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod config;
 pub mod context;
 pub mod control_plane;
 pub mod deny;
+pub mod discovery;
 pub mod forward;
 pub mod identity;
 pub mod limits;

@@ -8,7 +8,9 @@ use ringfence_sidecar::runtime;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
+    // Logs go to stderr: stdout carries the decision log's JSON lines, one per call.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )

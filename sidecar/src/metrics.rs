@@ -94,7 +94,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "ringfence_requests_total",
-                "Calls through the sidecar, by direction (outbound, inbound), kind (agent, tool, model, unknown), peer (the agent, tool server or model provider, as the bundle names it; `unknown` otherwise) and decision (allowed, or the refusal: policy, depth, cycle, rate_limit, timeout, ...).",
+                "Calls through the sidecar, by direction (outbound, inbound), kind (agent, tool, model, discovery, unknown), peer (the agent, tool server or model provider, as the bundle names it; `agents` for a `GET /agents` listing; `unknown` otherwise) and decision (allowed, or the refusal: policy, depth, cycle, rate_limit, timeout, ...).",
             ),
             &["direction", "kind", "peer", "decision"],
         )
@@ -140,7 +140,7 @@ impl Metrics {
         let telemetry_sent = IntCounterVec::new(
             Opts::new(
                 "ringfence_telemetry_sent_total",
-                "Records delivered, by queue: `spans` (to the OTLP endpoint) and `ledger` (calls to the budget service's run ledger).",
+                "Records delivered, by queue: `spans` (to the OTLP endpoint), `ledger` (calls to the budget service's run ledger) and `decisions` (decision log lines written).",
             ),
             &["queue"],
         )
@@ -148,12 +148,12 @@ impl Metrics {
         let telemetry_dropped = IntCounterVec::new(
             Opts::new(
                 "ringfence_telemetry_dropped_total",
-                "Records dropped, by queue (`spans`, `ledger`): the queue was full, or the endpoint refused or could not be reached. Requests never wait for telemetry.",
+                "Records dropped, by queue (`spans`, `ledger`, `decisions`): the queue was full, or the endpoint refused or could not be reached. Requests never wait for telemetry.",
             ),
             &["queue"],
         )
         .map_err(failed("ringfence_telemetry_dropped_total"))?;
-        for queue in ["spans", "ledger"] {
+        for queue in ["spans", "ledger", "decisions"] {
             telemetry_sent.with_label_values(&[queue]);
             telemetry_dropped.with_label_values(&[queue]);
         }
@@ -196,14 +196,14 @@ impl Metrics {
         })
     }
 
-    /// Counts records of `queue` (`spans`, `ledger`) delivered.
+    /// Counts records of `queue` (`spans`, `ledger`, `decisions`) delivered.
     pub fn telemetry_sent(&self, queue: &'static str, n: usize) {
         self.telemetry_sent
             .with_label_values(&[queue])
             .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
-    /// Counts one record of `queue` (`spans`, `ledger`) dropped.
+    /// Counts one record of `queue` (`spans`, `ledger`, `decisions`) dropped.
     pub fn telemetry_dropped(&self, queue: &'static str) {
         self.telemetry_dropped_n(queue, 1);
     }

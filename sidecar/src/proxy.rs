@@ -59,6 +59,8 @@ pub struct Proxy {
     pub outbound_base: String,
     /// Where finished calls go: spans and the run ledger.
     pub telemetry: crate::telemetry::Telemetry,
+    /// Peers' agent cards fetched for `GET /agents`, briefly.
+    pub cards: crate::discovery::agents::CardCache,
 }
 
 /// What a [`Proxy`] is built from.
@@ -110,6 +112,7 @@ impl Proxy {
             pricing,
             app,
             telemetry,
+            cards: Default::default(),
         })
     }
 

@@ -48,6 +48,8 @@ pub enum StartError {
     #[error("cannot set up the run-context seal: {0}")]
     Seal(#[from] crate::context::ContextError),
     #[error(transparent)]
+    DecisionLog(#[from] crate::telemetry::decisions::DecisionLogError),
+    #[error(transparent)]
     Otlp(#[from] crate::telemetry::otlp::OtlpError),
 }
 
@@ -160,12 +162,25 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         }
         None => (None, None),
     };
-    let telemetry = Telemetry::new(span_tx, Some(ledger_tx), metrics.clone());
+    let mut telemetry = Telemetry::new(span_tx, Some(ledger_tx), metrics.clone());
     let mut telemetry_tasks = vec![tokio::spawn(telemetry::ledger::run(
         ledger_rx,
         budget_client.clone(),
         metrics.clone(),
     ))];
+    if config.decision_log != telemetry::decisions::Level::Off {
+        let out = telemetry::decisions::open(config.decision_log_file.as_deref()).await?;
+        let (log, rx) = telemetry::decisions::DecisionLog::new(
+            config.decision_log,
+            telemetry::decisions::DECISION_QUEUE,
+        );
+        telemetry = telemetry.with_decisions(log);
+        telemetry_tasks.push(tokio::spawn(telemetry::decisions::write(
+            rx,
+            out,
+            metrics.clone(),
+        )));
+    }
     if let (Some(exporter), Some(rx)) = (exporter, span_rx) {
         telemetry_tasks.push(tokio::spawn(exporter.run(rx, metrics.clone())));
     }

@@ -70,6 +70,8 @@ impl Sidecar {
             app: "127.0.0.1:9".parse().unwrap(),
             budget: None,
             pricing: None,
+            decision_log: ringfence_sidecar::telemetry::decisions::Level::Off,
+            decision_log_file: None,
             exit_with_parent: false,
             tuning: Tuning {
                 identity_backoff: fast,

@@ -133,6 +133,48 @@ async fn the_sdk_client_discovers_sends_and_streams_through_the_mesh_in_every_bi
 }
 
 #[tokio::test]
+async fn the_sdk_client_discovers_only_the_agents_it_may_call_and_calls_one_from_the_listing() {
+    let mesh = LocalMesh::start(&client_and_specialists(), DELEGATES, &[]).await;
+    let _research = sdk_agent(&mesh, "research", "JSONRPC", &[]).await;
+    let _writer = sdk_agent(&mesh, "writer", "HTTP+JSON", &[]).await;
+    // legacy may be called but its app is not running; critic is denied; editor has no edge.
+    let outbound = mesh.ports("client").outbound;
+    let lines = sdk_client(&[
+        "--base",
+        &format!("http://{outbound}/agents"),
+        "--pick",
+        "research",
+        "discover",
+        "send",
+    ])
+    .await;
+    let [discover, send] = &lines[..] else {
+        panic!("two actions, two lines: {lines:?}");
+    };
+    assert_eq!(discover["ok"], true, "{discover}");
+    assert_eq!(
+        discover["agents"],
+        serde_json::json!(["research", "writer"]),
+        "{discover}"
+    );
+    assert_eq!(
+        discover["unavailable"],
+        serde_json::json!(["legacy"]),
+        "{discover}"
+    );
+    // The SDK parses the listed card, and the client it builds from it calls through the mesh.
+    assert_eq!(
+        discover["picked"]["interfaces"][0]["url"],
+        format!("http://{outbound}/agents/research/a2a"),
+        "{discover}"
+    );
+    assert_eq!(send["ok"], true, "{send}");
+    let r = report(send);
+    assert_eq!(r["agent"], "research");
+    assert_eq!(r["context"], true, "{r}");
+}
+
+#[tokio::test]
 async fn a_denied_edge_is_an_error_the_sdk_client_reports_naming_the_rule() {
     let mesh = LocalMesh::start(&client_and_specialists(), DELEGATES, &[]).await;
     // critic is denied by a rule; editor by the default (no policy permits the edge).

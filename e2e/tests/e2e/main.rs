@@ -4,6 +4,7 @@ mod a2a_sdk;
 mod budget;
 mod data_plane;
 mod demo;
+mod discovery;
 mod incident_sdk;
 mod local_mode;
 mod mcp_sdk;

@@ -251,6 +251,67 @@ async fn a_three_hop_run_is_one_trace_with_its_links_attributes_usage_and_refusa
         Some(Otel::Error as i32)
     );
 
+    // Each sidecar wrote one JSON decision line per call, naming the same run, trace and span.
+    let decisions = |agent: &str| mesh.decisions(agent);
+    let client = |agent: &str, callee: &str| {
+        let found: Vec<serde_json::Value> = decisions(agent)
+            .into_iter()
+            .filter(|l| l["side"] == "client" && l["callee"] == callee)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "one line for {agent} → {callee}: {found:#?}"
+        );
+        found.into_iter().next().unwrap()
+    };
+    mesh.decision("writer", "the model call", |l| l["kind"] == "model")
+        .await;
+    let to_research_line = client("orchestrator", "research");
+    for (key, value) in [
+        ("kind", "agent"),
+        ("caller", "orchestrator"),
+        ("method", "SendMessage"),
+        ("decision", "allowed"),
+        ("user", "user:ada"),
+    ] {
+        assert_eq!(to_research_line[key], value, "{key}: {to_research_line}");
+    }
+    assert_eq!(to_research_line["run"], run.as_str());
+    assert_eq!(to_research_line["trace_id"], trace.as_str());
+    assert_eq!(to_research_line["span_id"], to_research.span_id().as_str());
+    assert_eq!(to_research_line["status"], 200);
+    assert_eq!(to_research_line["depth"], 1);
+    assert!(to_research_line["latency_us"].as_u64().unwrap() > 0);
+    let refusal = client("research", "orchestrator");
+    assert_eq!(refusal["decision"], "policy", "{refusal}");
+    assert_eq!(refusal["rule"], "default/no-loops/deny[0]", "{refusal}");
+    assert_eq!(refusal["status"], 403, "{refusal}");
+    assert_eq!(refusal["cycle"], true, "{refusal}");
+    assert_eq!(refusal["depth"], 2, "{refusal}");
+    let tool_line = client("research", "tool:web-search");
+    assert_eq!(tool_line["kind"], "tool", "{tool_line}");
+    assert_eq!(tool_line["method"], "tools/call", "{tool_line}");
+    assert_eq!(tool_line["tool"], "web_search", "{tool_line}");
+    assert_eq!(tool_line["decision"], "allowed", "{tool_line}");
+    let chat_line = client("writer", "model:openai");
+    assert_eq!(chat_line["model"], "gpt-4o-mini", "{chat_line}");
+    assert_eq!(chat_line["tokens_in"], CHAT_IN, "{chat_line}");
+    assert_eq!(chat_line["tokens_out"], CHAT_OUT, "{chat_line}");
+    assert!(
+        chat_line["cost_usd_micros"].as_u64().unwrap() > 0,
+        "{chat_line}"
+    );
+    assert_eq!(chat_line["tainted"], false, "{chat_line}");
+    // The callee's sidecar logs the call it let in.
+    let at_research_line = decisions("research")
+        .into_iter()
+        .find(|l| l["side"] == "server")
+        .expect("research's sidecar logs the call it served");
+    assert_eq!(at_research_line["caller"], "orchestrator");
+    assert_eq!(at_research_line["decision"], "allowed");
+    assert_eq!(at_research_line["span_id"], at_research.span_id().as_str());
+
     // The run ledger holds the same run as a tree; `ringfence runs show` draws it.
     let db = mesh.state_dir().join("budget.db");
     let store = Store::open(db.to_str().unwrap()).await.unwrap();

@@ -19,6 +19,7 @@ use crate::authz::{Action, CallContext, CallRequest, Resource};
 use crate::bundle::Snapshot;
 use crate::context::{self, RunContext};
 use crate::deny::{Denial, Kind};
+use crate::discovery::{agents, tools};
 use crate::forward::{Body, ForwardError, full, stream};
 use crate::limits;
 use crate::protocol::{a2a, jsonrpc, mcp};
@@ -41,6 +42,13 @@ enum Target {
 /// Serves one outbound request.
 pub async fn handle(p: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    if agents::is_listing(req.method(), req.uri()) {
+        let resp = agents::serve(&p, req.headers()).await;
+        let label = decision(&resp);
+        p.metrics
+            .record_request("outbound", "discovery", "agents", label, started.elapsed());
+        return resp;
+    }
     let mut span = CallSpan::new(Side::Client, &p.agent.name);
     let ((kind, peer), resp) = match outbound(&p, req, &mut span).await {
         Ok(done) => done,
@@ -278,7 +286,7 @@ fn route(uri: &Uri, content: &BundleContent) -> Result<Target, Denial> {
 
 /// The context the app forwarded (verified), or a new run when it forwarded none and this agent
 /// may start runs (then `true`).
-fn restore_or_start(
+pub(crate) fn restore_or_start(
     p: &Proxy,
     snap: &Snapshot,
     headers: &http::HeaderMap,
@@ -563,7 +571,7 @@ async fn rewrite_card(
 #[allow(clippy::too_many_arguments)]
 async fn call_tool(
     p: &Proxy,
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     ctx: RunContext,
     taint: Vec<String>,
     server: &str,
@@ -634,6 +642,7 @@ async fn call_tool(
     let uri: Uri = url
         .parse()
         .map_err(|_| Denial::new(Kind::BadRequest, format!("{url} is not a valid URL")))?;
+    let http_method = parts.method.clone();
     let req = egress_request(parts.method, parts.headers, uri, span.trace, full(body))?;
     let timeout = child_timeout(content, ctx.deadline_ms);
     let resp = p
@@ -646,6 +655,18 @@ async fn call_tool(
     }
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_headers(&mut parts.headers);
+    // A tool list shows only the tools this agent may call.
+    let mcp_method = call.as_ref().map(|c| c.method.as_str());
+    if tools::wants_filter(mcp_method, &http_method) {
+        let policy = tools::ToolPolicy::new(
+            snap.clone(),
+            server,
+            CallContext::of(&ctx, taint, ctx.depth, 0),
+        );
+        return tools::filter_answer(policy, parts, incoming, mcp_method.is_some())
+            .await
+            .map_err(|d| d.edge(me, &edge_to).run(&ctx.run));
+    }
     Ok(Response::from_parts(parts, stream(incoming)))
 }
 

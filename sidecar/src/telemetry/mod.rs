@@ -6,7 +6,8 @@
 //! in full ([`Recorded`]), so a streamed answer's span lasts as long as the stream and a model
 //! call's span carries the usage read from it. [`Telemetry::finish`] hands the result to two
 //! bounded queues — the OTLP exporter ([`otlp`]) and the ledger reporter ([`ledger`]) — with
-//! `try_send`: a full queue drops the record and counts it, it never slows a request.
+//! `try_send`: a full queue drops the record and counts it, it never slows a request. When the
+//! decision log is on, the same record also becomes one JSON line ([`decisions`]).
 //!
 //! One trace per run: a call's span is a child of the app's `traceparent` when it belongs to the
 //! run's trace, else of the span the run's context carries, so an app that forwards only the
@@ -28,6 +29,7 @@ use crate::forward::{Body, BoxError};
 use crate::metrics::Metrics;
 use crate::tracecontext::{TraceParent, write_hex};
 
+pub mod decisions;
 pub mod ledger;
 pub mod otlp;
 
@@ -324,6 +326,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 pub struct Telemetry {
     spans: Option<mpsc::Sender<Finished>>,
     ledger: Option<mpsc::Sender<CallEvent>>,
+    decisions: Option<decisions::DecisionLog>,
     metrics: Metrics,
 }
 
@@ -338,8 +341,15 @@ impl Telemetry {
         Telemetry {
             spans,
             ledger,
+            decisions: None,
             metrics,
         }
+    }
+
+    /// Also writes a decision line per finished call (see [`decisions`]).
+    pub fn with_decisions(mut self, log: decisions::DecisionLog) -> Self {
+        self.decisions = Some(log);
+        self
     }
 
     /// Records a call that is over. Never waits: a full queue drops the record and counts it.
@@ -350,6 +360,9 @@ impl Telemetry {
             && ledger.try_send(event).is_err()
         {
             self.metrics.telemetry_dropped("ledger");
+        }
+        if let Some(log) = &self.decisions {
+            log.record(&done, &self.metrics);
         }
         let sampled = done.span.trace.is_some_and(|t| t.sampled());
         if let Some(spans) = &self.spans
