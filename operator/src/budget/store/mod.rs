@@ -24,6 +24,7 @@ use sqlx::{Any, Row, Transaction};
 pub mod account;
 mod ledger;
 mod postgres;
+mod quota;
 mod spend;
 mod sqlite;
 
