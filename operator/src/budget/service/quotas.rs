@@ -180,10 +180,13 @@ fn unit(limit: BudgetLimit) -> &'static str {
     }
 }
 
+/// A metric family: name, type, help, and its value for one counter (if it has one).
+type Family = (&'static str, &'static str, &'static str, fn(&QuotaStatus) -> Option<u64>);
+
 /// `ringfence_quota_*` gauges per counter, and breaches since start.
 pub fn render_metrics(quotas: &[QuotaStatus], exhausted: &BTreeMap<CounterId, u64>) -> String {
     let mut out = String::new();
-    let families: [(&str, &str, &str, fn(&QuotaStatus) -> Option<u64>); 5] = [
+    let families: [Family; 5] = [
         (
             "ringfence_quota_spent_tokens",
             "gauge",
