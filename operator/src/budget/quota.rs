@@ -204,6 +204,17 @@ impl QuotaState {
     }
 }
 
+impl QuotaState {
+    /// Nothing is left for a lease in some limited dimension: spent, or promised to leases.
+    pub fn no_room(&self) -> bool {
+        let full = |max: Option<u64>, used: u64, held: u64| {
+            max.is_some_and(|m| used.saturating_add(held) >= m)
+        };
+        full(self.max_tokens, self.spent.tokens, self.outstanding.tokens)
+            || full(self.max_micros, self.spent.micros, self.outstanding.micros)
+    }
+}
+
 /// What a lease may take from one quota.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuotaDecision {
@@ -294,7 +305,7 @@ impl QuotaTrip {
     /// The halt reason of the runs it stops.
     pub fn reason(&self) -> String {
         format!(
-            "{} is spent: {} {} of {} this window",
+            "{} is exhausted: {} {} spent of {} this window",
             self.counter,
             self.spent,
             match self.limit {
@@ -322,7 +333,8 @@ pub struct QuotaStatus {
     /// Leased by leases of this quota and not yet reported or given back.
     pub outstanding: Amount,
     pub on_breach: OnBreach,
-    /// The window's spend reached a limit: leases are refused until the window moves.
+    /// Nothing is left: the window's spend (with what outstanding leases hold) reached a limit,
+    /// so leases are refused until the window moves (or those leases are reported or lapse).
     pub exhausted: bool,
 }
 

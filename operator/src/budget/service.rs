@@ -392,7 +392,7 @@ impl BudgetService {
                 used,
                 outstanding: _,
                 limit_value,
-                spent,
+                spent: _,
                 trip,
             } => {
                 self.quota_refused(
@@ -402,7 +402,6 @@ impl BudgetService {
                     limit,
                     used,
                     limit_value,
-                    spent,
                     trip,
                 )
                 .await?

@@ -68,8 +68,8 @@ pub(super) fn check_quotas(quotas: &[QuotaTerm]) -> Result<(), ServiceError> {
 
 impl BudgetService {
     /// A lease refused because a quota has nothing left: handles the breach this lease found
-    /// first, halts the leasing run too when the quota is spent and its `onBreach` halts (a run
-    /// that starts after the breach stops at its first call), and names the quota.
+    /// first, halts the leasing run too when the quota's `onBreach` halts (a run that starts
+    /// after the breach stops at its first call), and names the quota.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn quota_refused(
         &self,
@@ -79,7 +79,6 @@ impl BudgetService {
         limit: BudgetLimit,
         used: u64,
         limit_value: u64,
-        spent: bool,
         trip: Option<QuotaTrip>,
     ) -> Result<LeaseResponse, ServiceError> {
         if let Some(trip) = &trip {
@@ -89,9 +88,9 @@ impl BudgetService {
             .iter()
             .find(|t| CounterId::of(t) == counter)
             .is_some_and(|t| t.on_breach.halts());
-        if spent && halts {
+        if halts {
             let reason = format!(
-                "{counter} is spent: {used} {} of {limit_value} this window",
+                "{counter} is exhausted: {used} {} spent of {limit_value} this window",
                 unit(limit)
             );
             if matches!(

@@ -28,6 +28,7 @@ mod quota;
 mod spend;
 mod sqlite;
 
+pub use quota::LEASE_HOLD_MS;
 pub use spend::HALT_PAGE;
 
 /// Errors of the budget store. Each says what to check.

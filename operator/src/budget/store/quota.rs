@@ -13,7 +13,13 @@ use sqlx::{Any, Transaction};
 
 use super::{Backend, Op, Store, StoreError, db, db_opt, get, get_u64, on_breach_str, opt_u64};
 use crate::budget::quota::{self, CounterId, QuotaState, QuotaStatus, QuotaTrip, Span};
-use crate::budget::{Amount, RunStatus};
+use crate::budget::{Amount, BudgetLimit, RunStatus};
+
+/// How long a lease reserves against its quotas. A sidecar keeps what is left of a run's lease
+/// until the run ends, and many runs share one quota: without a bound, each finished run would
+/// strand its lease's rest and shrink the quota for the whole window. Spend reported under an
+/// older lease still counts in full; only the reservation lapses.
+pub const LEASE_HOLD_MS: u64 = 5 * 60 * 1_000;
 
 /// A counter's stored terms and breach mark, read under its lock.
 #[derive(Debug, Clone)]
@@ -25,12 +31,20 @@ pub(super) struct CounterRow {
     pub on_breach: ringfence_crds::budget::OnBreach,
     pub alert_webhook: Option<String>,
     pub tripped_ms: Option<u64>,
+    /// When it was read: leases granted before `now_ms - LEASE_HOLD_MS` no longer reserve.
+    pub now_ms: u64,
 }
 
 impl CounterRow {
+    /// The breach when the window's spend reached a limit.
     pub fn trip(&self, state: &QuotaState) -> Option<QuotaTrip> {
         let (limit, spent, limit_value) = state.spent_limit()?;
-        Some(QuotaTrip {
+        Some(self.trip_at(limit, spent, limit_value))
+    }
+
+    /// The breach of `limit`, `spent` of `limit_value` being reported.
+    pub fn trip_at(&self, limit: BudgetLimit, spent: u64, limit_value: u64) -> QuotaTrip {
+        QuotaTrip {
             counter: self.counter.clone(),
             limit,
             spent,
@@ -38,7 +52,7 @@ impl CounterRow {
             on_breach: self.on_breach,
             alert_webhook: self.alert_webhook.clone(),
             window_start_ms: self.span.from_ms,
-        })
+        }
     }
 }
 
@@ -119,6 +133,7 @@ impl Store {
             })?,
             alert_webhook: get(&row, "alert_webhook")?,
             tripped_ms: opt_u64(&row, "tripped_ms")?,
+            now_ms,
         }))
     }
 
@@ -162,7 +177,7 @@ impl Store {
             };
             let state = counter_state(&mut tx, &c).await?;
             out.push(QuotaStatus {
-                exhausted: state.spent_limit().is_some(),
+                exhausted: state.no_room(),
                 counter,
                 window_start_ms: c.span.from_ms,
                 window_end_ms: c.span.until_ms,
@@ -220,11 +235,12 @@ pub(super) async fn counter_state(
          CAST(COALESCE(SUM(l.remaining_micros), 0) AS BIGINT) AS micros \
          FROM lease_quotas q JOIN leases l ON l.lease_id = q.lease_id \
          WHERE q.quota_id = $1 AND q.quota_key = $2 AND q.win = $3 \
-         AND (l.remaining_tokens > 0 OR l.remaining_micros > 0)",
+         AND (l.remaining_tokens > 0 OR l.remaining_micros > 0) AND l.granted_at_ms >= $4",
     )
     .bind(&c.counter.id)
     .bind(&c.counter.key)
     .bind(&c.counter.window)
+    .bind(db("now_ms", c.now_ms.saturating_sub(LEASE_HOLD_MS))?)
     .fetch_one(&mut **tx)
     .await
     .op("summing a quota's outstanding leases")?;

@@ -136,13 +136,14 @@ impl Store {
                     limit_value,
                     spent,
                 } => {
-                    // The first lease to find the quota spent in this window handles its breach.
-                    let trip = match counter.trip(&state) {
-                        Some(trip) if !counter.span.tripped(counter.tripped_ms) => {
-                            self.mark_tripped(&mut tx, &counter).await?;
-                            Some(trip)
-                        }
-                        _ => None,
+                    // As with a run's budget, leases keep reported spend from crossing the
+                    // limit, so a refusal is where the breach shows: the first refusal of the
+                    // window handles it.
+                    let trip = if counter.span.tripped(counter.tripped_ms) {
+                        None
+                    } else {
+                        self.mark_tripped(&mut tx, &counter).await?;
+                        Some(counter.trip_at(limit, used, limit_value))
                     };
                     tx.commit().await.op("committing a quota refusal")?;
                     return Ok(LeaseOutcome::QuotaExhausted {
