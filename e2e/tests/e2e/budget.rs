@@ -844,9 +844,17 @@ async fn a_daily_team_quota_refuses_the_teams_model_calls_across_runs_and_surviv
             break r;
         }
         served += 1;
-        assert!(served <= 7, "1000 tokens a day allow at most 6 calls of 150");
+        assert!(
+            served <= 7,
+            "1000 tokens a day allow at most 6 calls of 150"
+        );
     };
-    assert_eq!(refused.status, StatusCode::PAYMENT_REQUIRED, "{}", refused.body);
+    assert_eq!(
+        refused.status,
+        StatusCode::PAYMENT_REQUIRED,
+        "{}",
+        refused.body
+    );
     assert!(
         refused.body.contains("team:search day"),
         "the refusal names the quota: {}",

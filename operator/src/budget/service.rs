@@ -395,16 +395,8 @@ impl BudgetService {
                 spent: _,
                 trip,
             } => {
-                self.quota_refused(
-                    &run,
-                    &terms.quotas,
-                    counter,
-                    limit,
-                    used,
-                    limit_value,
-                    trip,
-                )
-                .await?
+                self.quota_refused(&run, &terms.quotas, counter, limit, used, limit_value, trip)
+                    .await?
             }
             // Only if the run vanished between opening and leasing (a manual delete).
             LeaseOutcome::UnknownRun => return Err(ServiceError::UnknownRun(run)),

@@ -923,8 +923,9 @@ async fn a_daily_team_quota_halts_the_teams_runs_and_stays_spent_across_a_budget
             .await
             .expect("the quota's halts reach the stream");
         assert!(
-            halt.reason
-                .starts_with("quota prod/daily#0 team:search day is exhausted: 1000 tokens spent of 1000"),
+            halt.reason.starts_with(
+                "quota prod/daily#0 team:search day is exhausted: 1000 tokens spent of 1000"
+            ),
             "{}",
             halt.reason
         );

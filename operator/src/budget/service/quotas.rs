@@ -180,7 +180,12 @@ fn unit(limit: BudgetLimit) -> &'static str {
 }
 
 /// A metric family: name, type, help, and its value for one counter (if it has one).
-type Family = (&'static str, &'static str, &'static str, fn(&QuotaStatus) -> Option<u64>);
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&QuotaStatus) -> Option<u64>,
+);
 
 /// `ringfence_quota_*` gauges per counter, and breaches since start.
 pub fn render_metrics(quotas: &[QuotaStatus], exhausted: &BTreeMap<CounterId, u64>) -> String {
