@@ -78,6 +78,9 @@ pub const HALTS_PATH: &str = "/v1/budget/halts";
 pub const SPEND_BY_PATH: &str = "/v1/spend";
 /// Budget service: recent runs (`GET`), and one run at `/v1/runs/<id>`.
 pub const RUNS_PATH: &str = "/v1/runs";
+/// Budget service: every windowed quota counter with its current window's spend (`GET`), and
+/// the same in Prometheus' text format at `/v1/quotas/metrics`.
+pub const QUOTAS_PATH: &str = "/v1/quotas";
 /// Budget service: the run ledger, one [`CallEvent`] per call a sidecar made, batched,
 /// idempotent by event id ([`CallReport`] → [`CallAck`]).
 pub const CALLS_PATH: &str = "/v1/ledger/calls";
@@ -109,6 +112,21 @@ pub struct RunTerms {
     /// what is spent under it counts toward each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quotas: Vec<crate::quota::QuotaTerm>,
+}
+
+impl RunTerms {
+    /// The tightest token limit among the run's and its quotas': leases are sliced from it.
+    /// `None`: nothing limits tokens, and a lease reserves none.
+    pub fn tightest_tokens(&self) -> Option<u64> {
+        let quotas = self.quotas.iter().filter_map(|q| q.max_total_tokens);
+        self.max_total_tokens.into_iter().chain(quotas).min()
+    }
+
+    /// The tightest cost limit (micro-USD) among the run's and its quotas'.
+    pub fn tightest_micros(&self) -> Option<u64> {
+        let quotas = self.quotas.iter().filter_map(|q| q.max_cost_micros);
+        self.max_cost_micros.into_iter().chain(quotas).min()
+    }
 }
 
 /// A request for a slice of a run's remaining budget.

@@ -155,8 +155,12 @@ impl Spend {
             let (have_t, have_m) = self.holding(run);
             let need_t = tokens.saturating_sub(have_t);
             let need_m = micros.saturating_sub(have_m);
-            let want_tokens = terms.max_total_tokens.map_or(0, |max| need_t.max(max / 20));
-            let want_micros = terms.max_cost_micros.map_or(0, |max| need_m.max(max / 20));
+            let want_tokens = terms
+                .tightest_tokens()
+                .map_or(0, |max| need_t.max(max / 20));
+            let want_micros = terms
+                .tightest_micros()
+                .map_or(0, |max| need_m.max(max / 20));
             let request = LeaseRequest {
                 run: run.to_owned(),
                 terms: terms.clone(),

@@ -756,3 +756,139 @@ async fn a_truncated_usage_block_is_counted_as_an_estimate_with_a_warning_metric
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_daily_team_quota_refuses_the_teams_model_calls_across_runs_and_survives_a_budget_service_restart()
+ {
+    use ringfence_e2e::{Proc, binary};
+    let (llm_addr, _mock) = llm::start().await;
+    let budget_addr = std::net::SocketAddr::from(([127, 0, 0, 1], ringfence_e2e::free_port()));
+    let db_dir = tempfile::tempdir().unwrap();
+    let db = db_dir.path().join("budget.db");
+    // No run limits at all: the team's daily quota alone meters the calls.
+    let mesh = Mesh::start_full(
+        &[
+            (
+                "orchestrator",
+                models_spec(llm_addr, "  mayStartRuns: true\n  team: search"),
+            ),
+            (
+                "research",
+                models_spec(llm_addr, "  mayStartRuns: true\n  team: search"),
+            ),
+            (
+                "writer",
+                models_spec(llm_addr, "  mayStartRuns: true\n  team: docs"),
+            ),
+        ],
+        &policy("  quotas:\n    - {per: Team, window: Day, maxTotalTokens: 1000}"),
+        Duration::from_secs(3600),
+        Some(format!("https://{budget_addr}")),
+    )
+    .await;
+    let start_service = || {
+        Proc::spawn(
+            "ringfence budget",
+            std::process::Command::new(binary("ringfence"))
+                .arg("budget")
+                .arg("--state")
+                .arg(mesh.state_dir())
+                .args(["--listen", &budget_addr.to_string()])
+                .arg("--database")
+                .arg(&db),
+        )
+        .unwrap()
+    };
+    let ca = mesh.ca_pem();
+    let ready = || async {
+        ringfence_e2e::eventually(Duration::from_secs(20), "the budget service", || async {
+            ringfence_e2e::get_tls(budget_addr, &ca, "/v1/runs")
+                .await
+                .ok()
+                .filter(|(s, _)| s.is_success())
+        })
+        .await
+        .unwrap();
+    };
+    let mut service = start_service();
+    ready().await;
+    let model_call = |agent: &'static str, ctx: Option<String>| {
+        let out = mesh.outbound(agent);
+        async move {
+            let headers: Vec<(&str, &str)> = match &ctx {
+                Some(c) => vec![("ringfence-context", c.as_str())],
+                None => vec![],
+            };
+            call(
+                out,
+                Method::POST,
+                "/models/openai/v1/chat/completions",
+                &headers,
+                &chat(false),
+            )
+            .await
+        }
+    };
+
+    // The orchestrator's run spends the search team's day, 150 tokens a call.
+    let first = model_call("orchestrator", None).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let ctx = first.headers["ringfence-context"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut served = 1;
+    let refused = loop {
+        let r = model_call("orchestrator", Some(ctx.clone())).await;
+        if r.status != StatusCode::OK {
+            break r;
+        }
+        served += 1;
+        assert!(
+            served <= 7,
+            "1000 tokens a day allow at most 6 calls of 150"
+        );
+    };
+    assert_eq!(
+        refused.status,
+        StatusCode::PAYMENT_REQUIRED,
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused.body.contains("team:search day"),
+        "the refusal names the quota: {}",
+        refused.body
+    );
+
+    // research is in the same team: its own new run is refused too; writer's team is not.
+    let r = model_call("research", None).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "{}", r.body);
+    assert!(r.body.contains("team:search day"), "{}", r.body);
+    let r = model_call("writer", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    // A restarted budget service still holds the day's spend.
+    service.kill();
+    service = start_service();
+    ready().await;
+    let r = model_call("research", None).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "{}", r.body);
+    assert!(r.body.contains("team:search day"), "{}", r.body);
+    let r = model_call("writer", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    let (_, body) = ringfence_e2e::get_tls(budget_addr, &ca, "/v1/quotas")
+        .await
+        .unwrap();
+    let quotas: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let search = quotas
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["key"] == "team:search")
+        .unwrap_or_else(|| panic!("no search counter in {body}"));
+    assert_eq!(search["exhausted"], true, "{body}");
+    assert_eq!(search["tokens"].as_u64(), Some(150 * served), "{body}");
+    drop(service);
+}

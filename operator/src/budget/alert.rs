@@ -1,4 +1,5 @@
-//! Breach alerts: a JSON summary of the run posted to the RunBudget's webhook.
+//! Breach alerts: a JSON summary of the run posted to the RunBudget's webhook, and for a
+//! windowed quota, a summary of the quota posted to its webhook once per window.
 //!
 //! The webhook of a run comes with the terms of its leases (the sidecars know it from their
 //! bundles) and is remembered in memory, bounded. Delivery is best effort with a few retries:
@@ -17,6 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use super::RunDetail;
+use super::quota::QuotaTrip;
 use super::store::Store;
 
 /// How many runs' webhooks are remembered.
@@ -46,6 +48,25 @@ pub struct Alert {
     pub reason: String,
     pub budgets: Vec<String>,
     pub spend_by_agent: Vec<AgentLine>,
+    pub at_ms: u64,
+}
+
+/// What a quota's breach alert says: once per window, to the webhook of the quota's RunBudget.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaAlert {
+    pub kind: &'static str,
+    /// `<namespace>/<RunBudget>#<index>`.
+    pub quota: String,
+    /// `team:search`, ...
+    pub key: String,
+    pub window: String,
+    pub window_start_ms: u64,
+    /// `maxTotalTokens` or `maxCostUsd`.
+    pub limit: String,
+    pub spent: u64,
+    pub limit_value: u64,
+    pub reason: String,
     pub at_ms: u64,
 }
 
@@ -212,11 +233,33 @@ impl Alerter {
                 return;
             }
             let alert = Alert::new(&detail, &limit, spent, limit_value, &reason, at_ms);
-            this.deliver(&url, &alert).await;
+            this.deliver(&url, &alert.run, &alert).await;
         });
     }
 
-    async fn deliver(&self, url: &str, alert: &Alert) {
+    /// Sends a quota's breach alert to its webhook in the background.
+    pub fn quota_breached(self: &std::sync::Arc<Self>, url: &str, trip: &QuotaTrip, at_ms: u64) {
+        let alert = QuotaAlert {
+            kind: "ringfence.quota.exhausted",
+            quota: trip.counter.id.clone(),
+            key: trip.counter.key.clone(),
+            window: trip.counter.window.clone(),
+            window_start_ms: trip.window_start_ms,
+            limit: trip.limit.as_str().to_owned(),
+            spent: trip.spent,
+            limit_value: trip.limit_value,
+            reason: trip.reason(),
+            at_ms,
+        };
+        let this = self.clone();
+        let url = url.to_owned();
+        tokio::spawn(async move {
+            this.deliver(&url, &format!("{} {}", alert.quota, alert.key), &alert)
+                .await;
+        });
+    }
+
+    async fn deliver(&self, url: &str, what: &str, alert: &impl Serialize) {
         let Some(client) = &self.client else { return };
         let body = Bytes::from(serde_json::to_vec(alert).unwrap_or_default());
         for attempt in 1..=ATTEMPTS {
@@ -232,17 +275,17 @@ impl Alerter {
             };
             match tokio::time::timeout(TIMEOUT, client.request(req)).await {
                 Ok(Ok(resp)) if resp.status().is_success() => {
-                    tracing::info!(run = %alert.run, url, "budget alert delivered");
+                    tracing::info!(run = %what, url, "budget alert delivered");
                     return;
                 }
                 Ok(Ok(resp)) => {
-                    tracing::warn!(run = %alert.run, url, status = %resp.status(), attempt, "the alert webhook refused the alert")
+                    tracing::warn!(run = %what, url, status = %resp.status(), attempt, "the alert webhook refused the alert")
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(run = %alert.run, url, error = %e, attempt, "cannot deliver the alert")
+                    tracing::warn!(run = %what, url, error = %e, attempt, "cannot deliver the alert")
                 }
                 Err(_) => {
-                    tracing::warn!(run = %alert.run, url, attempt, "the alert webhook did not answer")
+                    tracing::warn!(run = %what, url, attempt, "the alert webhook did not answer")
                 }
             }
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;

@@ -28,6 +28,7 @@ use ringfence_crds::budget::OnBreach;
 use serde::{Deserialize, Serialize};
 
 pub mod alert;
+pub mod quota;
 pub mod service;
 pub mod store;
 
@@ -148,6 +149,19 @@ pub enum LeaseOutcome {
     /// The run is over.
     Completed,
     UnknownRun,
+    /// One of the lease's windowed quotas has nothing left in its window: `spent` of it is
+    /// reported (`used`), `outstanding` is leased to others. `trip` is set when this lease found
+    /// the quota spent first in its window (the breach to halt and alert on).
+    QuotaExhausted {
+        counter: quota::CounterId,
+        limit: BudgetLimit,
+        used: u64,
+        outstanding: u64,
+        limit_value: u64,
+        /// The window's spend reached the limit (not only promised to outstanding leases).
+        spent: bool,
+        trip: Option<quota::QuotaTrip>,
+    },
 }
 
 /// One call's actual usage, as a sidecar reports it.
@@ -245,6 +259,9 @@ pub struct ReportOutcome {
     /// Events for a run this store does not know; dropped, not recorded.
     pub unknown_run: usize,
     pub breaches: Vec<Breach>,
+    /// Quotas this report spent first in their window.
+    #[serde(default)]
+    pub quota_trips: Vec<quota::QuotaTrip>,
 }
 
 /// What giving back the unspent part of a lease did.

@@ -10,6 +10,8 @@
 //! | `POST /v1/ledger/calls` | mTLS | [`CallReport`] → [`CallAck`]: the calls of the reporting agent, for the run ledger |
 //! | `GET /v1/runs?status=&agent=&user=&limit=` | TLS | recent runs, newest first |
 //! | `GET /v1/runs/ID` | TLS | one run with per-agent spend, edges and calls |
+//! | `GET /v1/quotas` | TLS | every windowed quota counter with its current window's spend |
+//! | `GET /v1/quotas/metrics` | TLS | the same as Prometheus gauges, and breaches since start |
 //!
 //! The agent that leases and spends is always the one the verified client certificate names,
 //! never one a body claims. Run queries need no client certificate, only a connection that
@@ -44,6 +46,8 @@ use super::{
     Amount, Halt, HaltOutcome, LeaseOutcome, ReleaseOutcome, RunFilter, RunLimits, RunStatus,
 };
 use crate::distribute::server::{Body, error, json, ndjson, serve_tls};
+
+mod quotas;
 
 /// Most events one spend report may carry.
 pub const MAX_EVENTS: usize = 10_000;
@@ -140,6 +144,7 @@ pub struct BudgetService {
     poke: Arc<Notify>,
     /// Breach alerts to the runs' webhooks.
     alerter: Arc<Alerter>,
+    exhaustions: quotas::Exhaustions,
 }
 
 impl BudgetService {
@@ -154,6 +159,7 @@ impl BudgetService {
             latest_halt,
             poke,
             alerter: Arc::new(Alerter::default()),
+            exhaustions: quotas::Exhaustions::default(),
         })
     }
 
@@ -168,6 +174,8 @@ impl BudgetService {
             || path == api::RUNS_PATH
             || path.starts_with("/v1/runs/")
             || path == api::SPEND_BY_PATH
+            || path == api::QUOTAS_PATH
+            || path.starts_with("/v1/quotas/")
     }
 
     /// Answers a budget service request; `None` when `path` is not one ([`Self::serves`]).
@@ -261,6 +269,8 @@ impl BudgetService {
                     .transpose()?;
                 Ok(json(StatusCode::OK, &self.store.spend_by(by, since).await?))
             }
+            (&Method::GET, api::QUOTAS_PATH) => Ok(json(StatusCode::OK, &self.quotas().await?)),
+            (&Method::GET, "/v1/quotas/metrics") => self.quota_metrics().await,
             (&Method::GET, api::RUNS_PATH) => {
                 let (filter, limit) = run_query(req.uri().query())?;
                 Ok(json(
@@ -300,6 +310,7 @@ impl BudgetService {
         for b in &terms.budgets {
             check_name("terms.budgets[]", b, false)?;
         }
+        quotas::check_quotas(&terms.quotas)?;
         let limits_on_breach = terms.on_breach;
         let limits = RunLimits {
             max_tokens: terms.max_total_tokens,
@@ -317,7 +328,11 @@ impl BudgetService {
             tokens: req.tokens,
             micros: req.micros,
         };
-        Ok(match self.store.lease(&run, agent, want, now).await? {
+        let outcome = self
+            .store
+            .lease_under_quotas(&run, agent, want, &terms.quotas, now)
+            .await?;
+        Ok(match outcome {
             LeaseOutcome::Granted { lease_id, granted } => LeaseResponse::Granted {
                 lease_id,
                 tokens: granted.tokens,
@@ -371,6 +386,18 @@ impl BudgetService {
             }
             LeaseOutcome::Halted { reason } => LeaseResponse::Halted { reason },
             LeaseOutcome::Completed => LeaseResponse::Completed,
+            LeaseOutcome::QuotaExhausted {
+                counter,
+                limit,
+                used,
+                outstanding: _,
+                limit_value,
+                spent: _,
+                trip,
+            } => {
+                self.quota_refused(&run, &terms.quotas, counter, limit, used, limit_value, trip)
+                    .await?
+            }
             // Only if the run vanished between opening and leasing (a manual delete).
             LeaseOutcome::UnknownRun => return Err(ServiceError::UnknownRun(run)),
         })
@@ -470,6 +497,9 @@ impl BudgetService {
         }
         if !halted.is_empty() {
             self.poke.notify_one();
+        }
+        for trip in &outcome.quota_trips {
+            self.quota_tripped(trip).await;
         }
         Ok(SpendAck {
             accepted: outcome.accepted,

@@ -1,4 +1,5 @@
-//! `ringfence runs`: recent runs, and one run as a tree, JSON, Graphviz or a Jaeger trace file.
+//! `ringfence runs`: recent runs, one run as a tree, JSON, Graphviz or a Jaeger trace file, and
+//! the windowed quotas' counters.
 //!
 //! It reads the run ledger either straight from the budget store (`--database`: the SQLite file
 //! `ringfence local` keeps in `DIR/.ringfence/budget.db`, or a `postgres://` URL) or from a
@@ -13,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::budget::quota::QuotaStatus;
 use crate::budget::store::Store;
 use crate::budget::{RunDetail, RunFilter, RunStatus, RunSummary};
 use crate::runs;
@@ -60,6 +62,11 @@ pub enum RunsCommand {
         /// Write to this file instead of standard output.
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+    /// Windowed quotas: each counter's spend in its current window, and whether it is spent.
+    Quotas {
+        #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+        format: ListFormat,
     },
 }
 
@@ -171,6 +178,18 @@ impl Ledger {
         }
     }
 
+    /// Every windowed quota counter with its current window's spend.
+    pub async fn quotas(&self) -> anyhow::Result<Vec<QuotaStatus>> {
+        match self {
+            Ledger::Store(store) => Ok(store.quota_usage(now_ms()).await?),
+            Ledger::Service { .. } => {
+                let body = self.get(ringfence_crds::api::QUOTAS_PATH).await?;
+                serde_json::from_slice(&body)
+                    .context("the budget service's quota list is not valid")
+            }
+        }
+    }
+
     async fn get(&self, path: &str) -> anyhow::Result<Bytes> {
         let Ledger::Service { base, client } = self else {
             bail!("not a budget service");
@@ -198,6 +217,12 @@ impl Ledger {
         }
         Ok(body)
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +269,13 @@ pub async fn run(ledger: &Ledger, command: RunsCommand) -> anyhow::Result<()> {
             match format {
                 ListFormat::Table => print!("{}", runs::text::list(&runs)),
                 ListFormat::Json => println!("{}", serde_json::to_string_pretty(&runs)?),
+            }
+        }
+        RunsCommand::Quotas { format } => {
+            let quotas = ledger.quotas().await?;
+            match format {
+                ListFormat::Table => print!("{}", runs::text::quotas(&quotas)),
+                ListFormat::Json => println!("{}", serde_json::to_string_pretty(&quotas)?),
             }
         }
         RunsCommand::Show {

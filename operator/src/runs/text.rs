@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use super::{Node, tree, usd};
+use crate::budget::quota::QuotaStatus;
 use crate::budget::{Decision, EdgeEvent, RunDetail, RunStatus, RunSummary};
 
 /// Most lines of the tree drawn; the rest is counted (the JSON form has every call).
@@ -196,6 +197,41 @@ pub fn list(runs: &[RunSummary]) -> String {
         ]);
     }
     let mut out = String::new();
+    table(&mut out, &rows);
+    out
+}
+
+/// `ringfence runs quotas`: each windowed quota counter, its window's spend against its limits.
+pub fn quotas(quotas: &[QuotaStatus]) -> String {
+    let mut rows = vec![[
+        "quota".to_owned(),
+        "key".to_owned(),
+        "window".to_owned(),
+        "since".to_owned(),
+        "tokens".to_owned(),
+        "cost".to_owned(),
+        "state".to_owned(),
+    ]];
+    let of = |spent: String, max: Option<String>| match max {
+        Some(max) => format!("{spent} / {max}"),
+        None => spent,
+    };
+    for q in quotas {
+        rows.push([
+            q.counter.id.clone(),
+            q.counter.key.clone(),
+            q.counter.window.clone(),
+            crate::budget::quota::rfc3339(q.window_start_ms),
+            of(q.tokens.to_string(), q.max_tokens.map(|m| m.to_string())),
+            of(usd(q.micros), q.max_micros.map(usd)),
+            if q.exhausted { "spent" } else { "ok" }.to_owned(),
+        ]);
+    }
+    let mut out = String::new();
+    if quotas.is_empty() {
+        out.push_str("  no quota has been leased under yet\n");
+        return out;
+    }
     table(&mut out, &rows);
     out
 }

@@ -858,3 +858,139 @@ async fn spend_of_a_run_without_token_or_cost_limits_opens_it_in_the_ledger() {
     assert_eq!(detail["spent"]["micros"], 90);
     assert_eq!(detail["agents"][0]["agent"], "default/writer");
 }
+
+/// `prod/daily#0`: 1,000 tokens a day per team.
+fn daily_team_quota(team: &str) -> ringfence_crds::quota::QuotaTerm {
+    ringfence_crds::quota::QuotaTerm {
+        id: "prod/daily#0".to_owned(),
+        key: format!("team:{team}"),
+        window: ringfence_crds::quota::QuotaWindow::Day,
+        sliding: false,
+        max_total_tokens: Some(1_000),
+        max_cost_micros: None,
+        on_breach: OnBreach::HaltAndAlert,
+        alert_webhook: None,
+    }
+}
+
+#[tokio::test]
+async fn a_daily_team_quota_halts_the_teams_runs_and_stays_spent_across_a_budget_service_restart() {
+    let trust = Trust::new();
+    let (research, summarize, writer) = (
+        trust.svid("research"),
+        trust.svid("summarize"),
+        trust.svid("writer"),
+    );
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let db = dir.path().join("budget.db");
+    let with_quota = |team: &str| RunTerms {
+        quotas: vec![daily_team_quota(team)],
+        ..terms(None, OnBreach::HaltAndAlert)
+    };
+
+    let budget = Budget::start(&trust, Store::open_sqlite(&db).await.expect("store")).await;
+    let mut halts = budget.halts(&research, 0).await;
+    let (run_a, run_b, run_c) = (new_run(), new_run(), new_run());
+    // Run B (another agent of the team) is under way before the quota is spent.
+    let lease_b = budget
+        .lease(&summarize, &run_b, &with_quota("search"), 10)
+        .await;
+    budget
+        .report(
+            &summarize,
+            vec![spend("b1", &run_b, Some(&lease_id(&lease_b)), 10, 0)],
+        )
+        .await;
+    let lease_a = budget
+        .lease(&research, &run_a, &with_quota("search"), 990)
+        .await;
+    assert!(
+        matches!(lease_a, LeaseResponse::Granted { tokens: 990, .. }),
+        "{lease_a:?}"
+    );
+    budget
+        .report(
+            &research,
+            vec![spend("a1", &run_a, Some(&lease_id(&lease_a)), 990, 0)],
+        )
+        .await;
+
+    // Spending the team's day halts both of its running runs, on the halt stream.
+    let mut halted = Vec::new();
+    while halted.len() < 2 {
+        let halt = halts
+            .next(Duration::from_secs(2))
+            .await
+            .expect("the quota's halts reach the stream");
+        assert!(
+            halt.reason.starts_with(
+                "quota prod/daily#0 team:search day is exhausted: 1000 tokens spent of 1000"
+            ),
+            "{}",
+            halt.reason
+        );
+        halted.push(halt.run);
+    }
+    halted.sort();
+    let mut expected = vec![run_a.clone(), run_b.clone()];
+    expected.sort();
+    assert_eq!(halted, expected);
+    drop(halts);
+    drop(budget);
+
+    // A new budget service process over the same database: the quota is still spent.
+    let budget = Budget::start(&trust, Store::open_sqlite(&db).await.expect("reopen")).await;
+    let run_d = new_run();
+    match budget
+        .lease(&summarize, &run_d, &with_quota("search"), 10)
+        .await
+    {
+        LeaseResponse::Exhausted {
+            limit,
+            spent,
+            limit_value,
+        } => {
+            assert_eq!(limit, "quota prod/daily#0 team:search day");
+            assert_eq!((spent, limit_value), (1_000, 1_000));
+        }
+        other => panic!("a new run of the team must be refused: {other:?}"),
+    }
+    assert_eq!(
+        budget.run(&run_d).await["status"],
+        "halted",
+        "a run that starts after the breach halts at its first lease"
+    );
+    // Another team's counter of the same quota has room.
+    let lease_c = budget.lease(&writer, &run_c, &with_quota("docs"), 10).await;
+    assert!(
+        matches!(lease_c, LeaseResponse::Granted { .. }),
+        "{lease_c:?}"
+    );
+
+    let (status, quotas) = budget
+        .call(None, Method::GET, api::QUOTAS_PATH, vec![])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{quotas}");
+    let search = quotas
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|q| q["key"] == "team:search")
+        .expect("the search team's counter");
+    assert_eq!(search["tokens"], 1_000);
+    assert_eq!(search["exhausted"], true);
+    assert_eq!(search["window"], "day");
+
+    let resp = budget
+        .send(None, Method::GET, "/v1/quotas/metrics", vec![])
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.into_body().collect().await.expect("a body").to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains(
+            "ringfence_quota_exhausted{quota=\"prod/daily#0\",key=\"team:search\",window=\"day\"} 1"
+        ),
+        "{text}"
+    );
+}

@@ -14,7 +14,7 @@ use ringfence::budget::{
 };
 use ringfence_crds::budget::OnBreach;
 
-mod fixtures {
+pub(crate) mod fixtures {
     use std::path::PathBuf;
     use std::time::Duration;
 

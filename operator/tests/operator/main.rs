@@ -5,3 +5,4 @@ mod budget_store;
 mod cli;
 mod incident_policy;
 mod local_control_plane;
+mod quota_store;

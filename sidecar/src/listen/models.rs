@@ -115,7 +115,10 @@ pub async fn call_model(
         ..Usage::default()
     };
     let limits = &content.limits;
-    let metered = limits.max_total_tokens.is_some() || limits.max_cost_usd.is_some();
+    // A windowed quota meters the call too, even in a run without limits of its own.
+    let metered = limits.max_total_tokens.is_some()
+        || limits.max_cost_usd.is_some()
+        || !limits.quotas.is_empty();
     let reservation = if metered {
         let terms = RunTerms {
             root: ctx.path.first().cloned().unwrap_or_default(),
@@ -128,13 +131,14 @@ pub async fn call_model(
             alert_webhook: limits.alert_webhook.clone(),
             quotas: limits.quotas.clone(),
         };
-        // Reserve only what the run limits: a lease holds nothing of an unlimited dimension.
-        let tokens = if terms.max_total_tokens.is_some() {
+        // Reserve only what the run or a quota limits: a lease holds nothing of an unlimited
+        // dimension.
+        let tokens = if terms.tightest_tokens().is_some() {
             reserve_usage.total_tokens()
         } else {
             0
         };
-        let micros = if terms.max_cost_micros.is_some() {
+        let micros = if terms.tightest_micros().is_some() {
             p.pricing
                 .cost(&model, &reserve_usage)
                 .map_or(0, |u| u.micros)

@@ -24,9 +24,11 @@ use sqlx::{Any, Row, Transaction};
 pub mod account;
 mod ledger;
 mod postgres;
+mod quota;
 mod spend;
 mod sqlite;
 
+pub use quota::LEASE_HOLD_MS;
 pub use spend::HALT_PAGE;
 
 /// Errors of the budget store. Each says what to check.

@@ -22,6 +22,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "calls",
         include_str!("migrations/postgres/0003_calls.sql"),
     ),
+    (
+        4,
+        "quotas",
+        include_str!("migrations/postgres/0004_quotas.sql"),
+    ),
 ];
 
 /// A halt's sequence number is drawn when it is inserted, but transactions commit in any order:

@@ -4,8 +4,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::{Any, Transaction};
 
+use ringfence_crds::quota::QuotaTerm;
+
 use super::account::{self, LeaseDecision, RunState};
+use super::quota;
 use super::{Op, RunRow, SELECT_RUN, Store, StoreError, db, db_opt, get, get_u64, on_breach_str};
+use crate::budget::quota::{CounterId, QuotaDecision};
 use crate::budget::{
     Amount, Breach, Halt, HaltOutcome, LeaseOutcome, ReleaseOutcome, ReportOutcome, RunLimits,
     RunRecord, RunStatus, Spend, SpendEvent,
@@ -68,6 +72,21 @@ impl Store {
         want: Amount,
         now_ms: u64,
     ) -> Result<LeaseOutcome, StoreError> {
+        self.lease_under_quotas(run_id, agent, want, &[], now_ms)
+            .await
+    }
+
+    /// [`Store::lease`], also capped by what each of `quotas` has left in its window; the lease
+    /// reserves against each, and spend reported under it counts toward each. Concurrent leases
+    /// of any runs never grant a quota more than `limit - spent - outstanding` together.
+    pub async fn lease_under_quotas(
+        &self,
+        run_id: &str,
+        agent: &str,
+        want: Amount,
+        quotas: &[QuotaTerm],
+        now_ms: u64,
+    ) -> Result<LeaseOutcome, StoreError> {
         let mut tx = self.begin_write().await?;
         let Some(run) = self.lock_run(&mut tx, run_id).await? else {
             return Ok(LeaseOutcome::UnknownRun);
@@ -99,6 +118,47 @@ impl Store {
             LeaseDecision::Halted { reason } => return Ok(LeaseOutcome::Halted { reason }),
             LeaseDecision::Completed => return Ok(LeaseOutcome::Completed),
         };
+        // Then each quota, in counter order (the lock order of every transaction).
+        let mut terms: Vec<&QuotaTerm> = quotas.iter().collect();
+        terms.sort_by_key(|t| CounterId::of(t));
+        terms.dedup_by_key(|t| CounterId::of(t));
+        let mut granted = granted;
+        let mut counters = Vec::with_capacity(terms.len());
+        for term in terms {
+            let counter = self.upsert_counter(&mut tx, term, now_ms).await?;
+            let state = quota::counter_state(&mut tx, &counter).await?;
+            match crate::budget::quota::decide(&state, granted) {
+                QuotaDecision::Room(room) => granted = room,
+                QuotaDecision::Exhausted {
+                    limit,
+                    used,
+                    outstanding,
+                    limit_value,
+                    spent,
+                } => {
+                    // As with a run's budget, leases keep reported spend from crossing the
+                    // limit, so a refusal is where the breach shows: the first refusal of the
+                    // window handles it.
+                    let trip = if counter.span.tripped(counter.tripped_ms) {
+                        None
+                    } else {
+                        self.mark_tripped(&mut tx, &counter).await?;
+                        Some(counter.trip_at(limit, used, limit_value))
+                    };
+                    tx.commit().await.op("committing a quota refusal")?;
+                    return Ok(LeaseOutcome::QuotaExhausted {
+                        counter: counter.counter,
+                        limit,
+                        used,
+                        outstanding,
+                        limit_value,
+                        spent,
+                        trip,
+                    });
+                }
+            }
+            counters.push(counter);
+        }
         let lease_id = ulid::Ulid::new().to_string();
         sqlx::query(
             "INSERT INTO leases (lease_id, run_id, agent, granted_tokens, granted_micros, \
@@ -114,6 +174,7 @@ impl Store {
         .execute(&mut *tx)
         .await
         .op("recording a lease")?;
+        quota::link_lease(&mut tx, &lease_id, &counters).await?;
         tx.commit().await.op("committing a lease")?;
         Ok(LeaseOutcome::Granted { lease_id, granted })
     }
@@ -146,6 +207,8 @@ impl Store {
 
         let mut agents: BTreeMap<(&str, &str), AgentDelta> = BTreeMap::new();
         let mut covers: BTreeMap<(&str, &str), Amount> = BTreeMap::new();
+        let mut lease_quotas: BTreeMap<&str, Vec<CounterId>> = BTreeMap::new();
+        let mut owed = quota::CounterSpend::new();
         for event in events {
             let Some((_, after)) = runs.get_mut(event.run_id.as_str()) else {
                 outcome.unknown_run += 1;
@@ -172,6 +235,18 @@ impl Store {
                     .tokens
                     .saturating_add(event.tokens_in.saturating_add(event.tokens_out));
                 covered.micros = covered.micros.saturating_add(event.micros);
+                // Spend under a lease counts toward the lease's quotas.
+                if !lease_quotas.contains_key(lease_id.as_str()) {
+                    let counters = quota::lease_counters(&mut tx, lease_id).await?;
+                    lease_quotas.insert(lease_id, counters);
+                }
+                let spent = Amount {
+                    tokens: event.tokens_in.saturating_add(event.tokens_out),
+                    micros: event.micros,
+                };
+                for counter in lease_quotas.get(lease_id.as_str()).into_iter().flatten() {
+                    quota::owe(&mut owed, counter.clone(), spent);
+                }
             }
         }
 
@@ -227,6 +302,20 @@ impl Store {
         }
         for ((run_id, lease_id), covered) in &covers {
             take_from_lease(&mut tx, run_id, lease_id, *covered).await?;
+        }
+        // Counters last, in order, after every run lock (the lock order of leases too).
+        for (counter, spent) in owed {
+            let Some(row) = self.read_counter(&mut tx, &counter, now_ms, true).await? else {
+                continue;
+            };
+            quota::add_to_bucket(&mut tx, &row, spent).await?;
+            let state = quota::counter_state(&mut tx, &row).await?;
+            if let Some(trip) = row.trip(&state)
+                && !row.span.tripped(row.tripped_ms)
+            {
+                self.mark_tripped(&mut tx, &row).await?;
+                outcome.quota_trips.push(trip);
+            }
         }
         tx.commit().await.op("committing a spend report")?;
         Ok(outcome)

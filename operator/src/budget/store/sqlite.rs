@@ -20,6 +20,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/sqlite/0002_attribution.sql"),
     ),
     (3, "calls", include_str!("migrations/sqlite/0003_calls.sql")),
+    (
+        4,
+        "quotas",
+        include_str!("migrations/sqlite/0004_quotas.sql"),
+    ),
 ];
 
 pub(super) const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
