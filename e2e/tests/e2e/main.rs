@@ -7,6 +7,7 @@ mod demo;
 mod incident_sdk;
 mod local_mode;
 mod mcp_sdk;
+mod model_fallback;
 mod openai_client;
 mod python_peers;
 mod rotation;
