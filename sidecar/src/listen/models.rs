@@ -201,7 +201,13 @@ pub async fn call_model(
                 route
             }
         };
-        let edge = format!("model:{}/{}", route.provider.name, route.model);
+        let route_edge;
+        let edge = if i == 0 {
+            edge.as_str()
+        } else {
+            route_edge = format!("model:{}/{}", route.provider.name, route.model);
+            route_edge.as_str()
+        };
         let reservation = match &terms {
             Some(terms) => Some(
                 reserve(
@@ -213,7 +219,7 @@ pub async fn call_model(
                     limits.fail_open,
                 )
                 .await
-                .map_err(|r| refusal(r, me, &edge, &run))?,
+                .map_err(|r| refusal(r, me, edge, &run))?,
             ),
             None => None,
         };
@@ -222,7 +228,7 @@ pub async fn call_model(
         } else {
             fallback::with_model(&rewritten, route.model).map_err(|e| {
                 Denial::new(Kind::BadRequest, e.to_string())
-                    .edge(me, &edge)
+                    .edge(me, edge)
                     .run(&run)
             })?
         };
@@ -233,7 +239,6 @@ pub async fn call_model(
             headers.take().unwrap_or_default()
         };
         let req = provider_request(&route, rest, parts.method.clone(), headers, span, body)?;
-        trail.tried(&route);
         let settle = Settle {
             team: content.agent.team.clone(),
             environment: content.agent.environment.clone(),
@@ -274,7 +279,7 @@ pub async fn call_model(
                         format!("cannot reach {}: {e}", route.provider.name)
                     },
                 )
-                .edge(me, &edge)
+                .edge(me, edge)
                 .run(&run);
                 match reason {
                     Some(reason) if more => {
@@ -301,9 +306,9 @@ pub async fn call_model(
             span.response_model = Some(route.model.to_owned());
         }
         record_trail(span, &trail, provider_name, &model);
-        let mut resp = answer(resp, api, &estimate, settle, &route, me, &edge, &run).await?;
+        let mut resp = answer(resp, api, &estimate, settle, &route, me, edge, &run).await?;
         if trail.fell_back()
-            && let Ok(v) = HeaderValue::from_str(&trail.tried_header())
+            && let Ok(v) = HeaderValue::from_str(&trail.tried_header(Some(&route)))
         {
             resp.headers_mut().insert(fallback::ROUTES_HEADER, v);
         }
@@ -323,7 +328,7 @@ pub async fn call_model(
         .run(&run))
     });
     last.map(|mut resp| {
-        if let Ok(v) = HeaderValue::from_str(&trail.tried_header()) {
+        if let Ok(v) = HeaderValue::from_str(&trail.tried_header(None)) {
             resp.headers_mut().insert(fallback::ROUTES_HEADER, v);
         }
         resp

@@ -99,11 +99,12 @@ impl Reason {
     }
 }
 
-/// What happened to each route of a call before the one that answered.
+/// What happened to each route of a call before the one that answered. Empty, and never
+/// allocated, for a call its first route answers.
 #[derive(Debug, Default)]
 pub struct Trail {
-    /// Routes a request was sent to, in order.
-    tried: Vec<String>,
+    /// Routes a request was sent to and that failed, in order.
+    failed: Vec<String>,
     /// `route: what happened`, for the span.
     events: String,
 }
@@ -114,13 +115,9 @@ impl Trail {
         !self.events.is_empty()
     }
 
-    /// A request went to `route`.
-    pub fn tried(&mut self, route: &Route<'_>) {
-        self.tried.push(route.name());
-    }
-
-    /// `route` failed with `what` (a status, or why it could not answer).
+    /// `route` was asked and failed with `what` (a status, or why it could not answer).
     pub fn failed(&mut self, route: &Route<'_>, what: &str) {
+        self.failed.push(route.name());
         self.event(route, what);
     }
 
@@ -141,9 +138,17 @@ impl Trail {
         );
     }
 
-    /// The routes tried, for [`ROUTES_HEADER`].
-    pub fn tried_header(&self) -> String {
-        self.tried.join(", ")
+    /// The routes tried, for [`ROUTES_HEADER`]: those that failed, then `answered` when a route
+    /// answered.
+    pub fn tried_header(&self, answered: Option<&Route<'_>>) -> String {
+        let mut out = self.failed.join(", ");
+        if let Some(route) = answered {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            out.push_str(&route.name());
+        }
+        out
     }
 
     /// Every route left behind and why, for the span and error messages.
@@ -304,13 +309,12 @@ mod tests {
             },
         );
         let mut trail = Trail::default();
-        trail.tried(&a);
         assert!(!trail.fell_back());
         trail.failed(&a, "503 Service Unavailable");
         trail.skipped(&b);
-        trail.tried(&c);
         assert!(trail.fell_back());
-        assert_eq!(trail.tried_header(), "openai/gpt-4o, backup/gpt-4o");
+        assert_eq!(trail.tried_header(Some(&c)), "openai/gpt-4o, backup/gpt-4o");
+        assert_eq!(trail.tried_header(None), "openai/gpt-4o");
         assert_eq!(
             trail.summary(),
             "openai/gpt-4o: 503 Service Unavailable; cheap/gpt-4o-mini: denied by policy"
