@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -21,6 +22,33 @@ pub const CHAT_OUT: u64 = 50;
 pub async fn start() -> (SocketAddr, App) {
     let app = App::new();
     app.on(|r| async move { answer(&r) });
+    serve(app).await
+}
+
+/// A provider that is down: every call is answered `status` with an OpenAI-style error body
+/// naming the status, so a test can tell whose failure reached the app.
+pub async fn start_failing(status: StatusCode) -> (SocketAddr, App) {
+    let app = App::new();
+    app.on(move |_r| async move {
+        json_response(
+            status,
+            &serde_json::json!({"error": {"message": format!("mock provider answers {}", status.as_u16()), "type": "mock_error"}}).to_string(),
+        )
+    });
+    serve(app).await
+}
+
+/// A provider that answers like [`start`], but only after `delay`.
+pub async fn start_slow(delay: Duration) -> (SocketAddr, App) {
+    let app = App::new();
+    app.on(move |r| async move {
+        tokio::time::sleep(delay).await;
+        answer(&r)
+    });
+    serve(app).await
+}
+
+async fn serve(app: App) -> (SocketAddr, App) {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let listener = TcpListener::bind(addr)
         .await

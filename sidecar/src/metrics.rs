@@ -46,6 +46,7 @@ pub struct Metrics {
     tokens: IntCounterVec,
     cost_usd: CounterVec,
     usage_estimated: IntCounterVec,
+    model_fallbacks: IntCounterVec,
     telemetry_sent: IntCounterVec,
     telemetry_dropped: IntCounterVec,
 }
@@ -137,6 +138,14 @@ impl Metrics {
             &["reason"],
         )
         .map_err(failed("ringfence_usage_estimated_total"))?;
+        let model_fallbacks = IntCounterVec::new(
+            Opts::new(
+                "ringfence_model_fallbacks_total",
+                "Fallback routes model calls reached, by the provider first asked (`provider`), the fallback route's provider (`to`, both as the bundle names them) and `reason`: why the route before it failed (`server_error`, `rate_limited`, `timeout`, `unreachable`), or `policy` when this route was skipped because policy denies its model.",
+            ),
+            &["provider", "to", "reason"],
+        )
+        .map_err(failed("ringfence_model_fallbacks_total"))?;
         let telemetry_sent = IntCounterVec::new(
             Opts::new(
                 "ringfence_telemetry_sent_total",
@@ -160,6 +169,7 @@ impl Metrics {
         for (m, name) in [
             (&tokens, "ringfence_tokens_total"),
             (&usage_estimated, "ringfence_usage_estimated_total"),
+            (&model_fallbacks, "ringfence_model_fallbacks_total"),
             (&telemetry_sent, "ringfence_telemetry_sent_total"),
             (&telemetry_dropped, "ringfence_telemetry_dropped_total"),
         ] {
@@ -191,6 +201,7 @@ impl Metrics {
             tokens,
             cost_usd,
             usage_estimated,
+            model_fallbacks,
             telemetry_sent,
             telemetry_dropped,
         })
@@ -237,6 +248,14 @@ impl Metrics {
         if let Some(reason) = estimated {
             self.usage_estimated.with_label_values(&[reason]).inc();
         }
+    }
+
+    /// Counts a model call reaching the fallback route of provider `to`. `provider` and `to` come
+    /// from the bundle's providers, `reason` from a fixed set: the labels stay bounded.
+    pub fn model_fallback(&self, provider: &str, to: &str, reason: &'static str) {
+        self.model_fallbacks
+            .with_label_values(&[provider, to, reason])
+            .inc();
     }
 
     /// Records one proxied call. `decision` is `allowed` or the refusal's kind.

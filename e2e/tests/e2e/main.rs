@@ -8,6 +8,7 @@ mod discovery;
 mod incident_sdk;
 mod local_mode;
 mod mcp_sdk;
+mod model_fallback;
 mod openai_client;
 mod python_peers;
 mod rotation;

@@ -107,6 +107,12 @@ pub struct CallSpan {
     pub tool: Option<String>,
     pub model: Option<String>,
     pub provider: Option<String>,
+    /// The model that answered, when a fallback route answered instead of the one asked.
+    pub response_model: Option<String>,
+    /// The route first asked (`provider/model`) when a fallback answered or was tried.
+    pub fallback_from: Option<String>,
+    /// Each route left behind and why (`openai/gpt-4o: 503 Service Unavailable; …`).
+    pub fallback_trail: Option<String>,
     pub usage: Option<UsageSlot>,
     /// `allowed`, or the reason of the refusal, with the rule that decided and its message.
     pub decision: Option<(String, Option<String>, String)>,
@@ -143,6 +149,9 @@ impl CallSpan {
             tool: None,
             model: None,
             provider: None,
+            response_model: None,
+            fallback_from: None,
+            fallback_trail: None,
             usage: None,
             decision: None,
             status: None,
@@ -292,6 +301,7 @@ impl Finished {
                 .a2a_method
                 .map(str::to_owned)
                 .or_else(|| s.tool.clone())
+                .or_else(|| s.response_model.clone())
                 .or_else(|| s.model.clone())
                 .or_else(|| s.mcp_method.clone()),
             decision,

@@ -182,6 +182,15 @@ pub fn span_data(f: &Finished, scope: &InstrumentationScope) -> SpanData {
     if let Some(provider) = &s.provider {
         attrs.push(KeyValue::new("gen_ai.provider.name", provider.clone()));
     }
+    if let Some(model) = &s.response_model {
+        attrs.push(KeyValue::new("gen_ai.response.model", model.clone()));
+    }
+    if let Some(from) = &s.fallback_from {
+        attrs.push(KeyValue::new("ringfence.fallback.from", from.clone()));
+    }
+    if let Some(trail) = &s.fallback_trail {
+        attrs.push(KeyValue::new("ringfence.fallback.trail", trail.clone()));
+    }
     if s.operation == Operation::Chat {
         attrs.push(usage("gen_ai.usage.input_tokens", f.usage.input_tokens));
         attrs.push(usage("gen_ai.usage.output_tokens", f.usage.output_tokens));
