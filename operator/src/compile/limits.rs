@@ -118,7 +118,9 @@ pub fn for_agent(agent: &Agent, budgets: &[&RunBudget]) -> Limits {
         }
         let r = budget_ref(b);
         if let Some(retry) = &s.retry
-            && l.retry.as_ref().is_none_or(|cur| retry.max_attempts < cur.max_attempts)
+            && l.retry
+                .as_ref()
+                .is_none_or(|cur| retry.max_attempts < cur.max_attempts)
         {
             l.retry = Some(retry.clone());
         }

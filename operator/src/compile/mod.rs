@@ -315,7 +315,9 @@ fn compile_namespace(
             out.diagnostics.push(Diagnostic::unresolved(
                 &resource_ref("Agent", &a.metadata),
                 "spec.fallback",
-                format!("no Agent named {f:?} in namespace {ns}; calls fall back to it once it exists"),
+                format!(
+                    "no Agent named {f:?} in namespace {ns}; calls fall back to it once it exists"
+                ),
             ));
         }
     }

@@ -364,9 +364,9 @@ fn a_team_quota_warns_about_an_agent_without_a_team() {
     let c = compile(&m, &settings(), &LastGood::default());
     assert!(c.bundles[&key("writer")].limits.quotas.is_empty());
     assert!(
-        c.diagnostics
-            .iter()
-            .any(|d| d.field == "spec.quotas[0].per" && d.message.contains("\"writer\" has no team")),
+        c.diagnostics.iter().any(
+            |d| d.field == "spec.quotas[0].per" && d.message.contains("\"writer\" has no team")
+        ),
         "{:?}",
         c.diagnostics
     );

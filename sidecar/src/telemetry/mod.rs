@@ -111,6 +111,10 @@ pub struct CallSpan {
     pub status: Option<u16>,
     /// What went wrong after the decision (an upstream failure, a broken stream).
     pub error: Option<String>,
+    /// Which attempt of the call this span is (1 the first; 0 for calls never attempted).
+    pub retry_attempt: u32,
+    /// The agent this call was meant for, when it failed and its fallback took the call.
+    pub fallback_from: Option<String>,
     pub start: SystemTime,
     started: Instant,
 }
@@ -145,6 +149,8 @@ impl CallSpan {
             decision: None,
             status: None,
             error: None,
+            retry_attempt: 0,
+            fallback_from: None,
             start: SystemTime::now(),
             started: Instant::now(),
         }
@@ -175,6 +181,16 @@ impl CallSpan {
         self.trace = Some(me);
         self.parent = None;
         me
+    }
+
+    /// The span of attempt `n` of this call, sent as `trace` (a span id of its own under the
+    /// call's parent) and started `at`: a retried attempt is a span of its own.
+    pub fn attempt(&self, trace: TraceParent, n: u32, at: (SystemTime, Instant)) -> Self {
+        let mut s = self.clone();
+        s.trace = Some(trace);
+        s.retry_attempt = n;
+        (s.start, s.started) = at;
+        s
     }
 
     /// A slot for the model path to fill with the call's usage.
