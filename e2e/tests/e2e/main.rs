@@ -9,5 +9,6 @@ mod local_mode;
 mod mcp_sdk;
 mod openai_client;
 mod python_peers;
+mod retries;
 mod rotation;
 mod traces;
