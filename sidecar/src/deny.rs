@@ -116,8 +116,6 @@ pub struct Denial {
     pub edge: Option<String>,
     pub run: Option<String>,
     pub retry_after_secs: Option<u64>,
-    /// Why the call did not fall back to the failed agent's fallback, when it could not.
-    pub fallback: Option<String>,
 }
 
 impl Denial {
@@ -129,7 +127,6 @@ impl Denial {
             edge: None,
             run: None,
             retry_after_secs: None,
-            fallback: None,
         }
     }
 
@@ -199,7 +196,6 @@ impl Denial {
             ("rule", &self.rule),
             ("edge", &self.edge),
             ("run", &self.run),
-            ("fallback", &self.fallback),
         ] {
             if let Some(val) = val {
                 v[k] = json!(val);
@@ -246,13 +242,6 @@ impl Denial {
         }
         if let Some(s) = self.retry_after_secs {
             h.insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        if let Some(v) = self
-            .fallback
-            .as_deref()
-            .and_then(|f| HeaderValue::from_str(f).ok())
-        {
-            h.insert(crate::fallback::FALLBACK_HEADER, v);
         }
         resp
     }

@@ -169,7 +169,7 @@ async fn retries_never_reset_depth_nor_count_twice_against_the_rate_limit() {
     mesh.app("research").on(move |r| {
         let n = counter.fetch_add(1, Ordering::SeqCst);
         async move {
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 return json_response(StatusCode::SERVICE_UNAVAILABLE, "{}");
             }
             let ctx = r.context().unwrap_or_default();

@@ -513,7 +513,10 @@ async fn call_agent(
         }
         Err(e) => {
             let mut d = forward_denial(e, me, callee, &run);
-            d.fallback = sent.fallback_refused;
+            if let Some(note) = sent.fallback_refused {
+                // The refusal is this sidecar's own: the note goes in its message.
+                d.message = format!("{}; the fallback was {note}", d.message);
+            }
             return Err(d);
         }
     };
