@@ -42,7 +42,7 @@ impl Backoff {
 
 /// A uniform draw in `[0, 1)` from the system's random source; the midpoint if it fails, which
 /// costs only the spread, never the retry.
-fn jitter() -> f64 {
+pub fn jitter() -> f64 {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut bytes = [0u8; 4];
     match SystemRandom::new().fill(&mut bytes) {

@@ -49,6 +49,9 @@ pub struct Metrics {
     model_fallbacks: IntCounterVec,
     telemetry_sent: IntCounterVec,
     telemetry_dropped: IntCounterVec,
+    retries: IntCounterVec,
+    retry_budget_exhausted: IntCounterVec,
+    fallbacks: IntCounterVec,
 }
 
 impl Metrics {
@@ -162,6 +165,42 @@ impl Metrics {
             &["queue"],
         )
         .map_err(failed("ringfence_telemetry_dropped_total"))?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "ringfence_retries_total",
+                "Retries this sidecar made (attempts after a call's first), by callee (the agent or tool server, as the bundle names it) and outcome (answered: the retry got an answer a retry would not cure; failed: it failed again).",
+            ),
+            &["callee", "outcome"],
+        )
+        .map_err(failed("ringfence_retries_total"))?;
+        let retry_budget_exhausted = IntCounterVec::new(
+            Opts::new(
+                "ringfence_retry_budget_exhausted_total",
+                "Retries not made because the callee's retry budget was spent, by callee.",
+            ),
+            &["callee"],
+        )
+        .map_err(failed("ringfence_retry_budget_exhausted_total"))?;
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "ringfence_fallbacks_total",
+                "Calls to a failed agent sent on to its fallback agent, by from, to (agents as the bundle names them) and outcome (answered, failed, or denied: policy does not permit the fallback edge).",
+            ),
+            &["from", "to", "outcome"],
+        )
+        .map_err(failed("ringfence_fallbacks_total"))?;
+        for (m, name) in [
+            (&retries, "ringfence_retries_total"),
+            (
+                &retry_budget_exhausted,
+                "ringfence_retry_budget_exhausted_total",
+            ),
+            (&fallbacks, "ringfence_fallbacks_total"),
+        ] {
+            registry
+                .register(Box::new(m.clone()))
+                .map_err(failed(name))?;
+        }
         for queue in ["spans", "ledger", "decisions"] {
             telemetry_sent.with_label_values(&[queue]);
             telemetry_dropped.with_label_values(&[queue]);
@@ -204,7 +243,29 @@ impl Metrics {
             model_fallbacks,
             telemetry_sent,
             telemetry_dropped,
+            retries,
+            retry_budget_exhausted,
+            fallbacks,
         })
+    }
+
+    /// Counts one retry to `callee` (a name from the bundle) by its `outcome` (`answered`,
+    /// `failed`).
+    pub fn retried(&self, callee: &str, outcome: &'static str) {
+        self.retries.with_label_values(&[callee, outcome]).inc();
+    }
+
+    /// Counts one retry to `callee` that the retry budget did not allow.
+    pub fn retry_budget_exhausted(&self, callee: &str) {
+        self.retry_budget_exhausted
+            .with_label_values(&[callee])
+            .inc();
+    }
+
+    /// Counts one fallback from agent `from` to agent `to` by its `outcome` (`answered`,
+    /// `failed`, `denied`).
+    pub fn fallback(&self, from: &str, to: &str, outcome: &'static str) {
+        self.fallbacks.with_label_values(&[from, to, outcome]).inc();
     }
 
     /// Counts records of `queue` (`spans`, `ledger`, `decisions`) delivered.

@@ -23,6 +23,7 @@ use crate::identity::Credentials;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::pricing::Pricing;
+use crate::retry::RetryBudgets;
 use crate::spend::Spend;
 use crate::taint::TaintTable;
 use crate::tls::MeshTls;
@@ -44,6 +45,8 @@ pub struct Proxy {
     pub credentials: watch::Receiver<Option<Arc<Credentials>>>,
     pub sealer: Sealer,
     pub limiter: RateLimiter,
+    /// Retry budgets per callee; like the limiter, they outlive bundle updates.
+    pub retries: RetryBudgets,
     pub taint: TaintTable,
     pub tls: Arc<MeshTls>,
     pub mesh: Mesh,
@@ -99,6 +102,7 @@ impl Proxy {
         Ok(Self {
             sealer: Sealer::new(&agent.name)?,
             limiter: RateLimiter::new(std::time::Instant::now()),
+            retries: RetryBudgets::new(std::time::Instant::now()),
             taint: TaintTable::default(),
             mesh: Mesh::new(tls.clone()),
             plain: Plain::default(),

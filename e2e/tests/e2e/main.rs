@@ -11,5 +11,6 @@ mod mcp_sdk;
 mod model_fallback;
 mod openai_client;
 mod python_peers;
+mod retries;
 mod rotation;
 mod traces;

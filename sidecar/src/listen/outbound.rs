@@ -24,9 +24,10 @@ use crate::forward::{Body, ForwardError, full, stream};
 use crate::limits;
 use crate::protocol::{a2a, jsonrpc, mcp};
 use crate::proxy::{
-    DEFAULT_TIMEOUT, MAX_CARD, MAX_REQUEST_BODY, Proxy, USER_HEADER, egress_request, now_ms,
-    read_body, strip_hop_headers,
+    DEFAULT_TIMEOUT, MAX_CARD, MAX_REQUEST_BODY, Proxy, USER_HEADER, now_ms, read_body,
+    strip_hop_headers,
 };
+use crate::retry;
 use crate::taint::{self, TAINT_HEADER};
 use crate::telemetry::{CallSpan, Operation, Side};
 use crate::tracecontext::TraceParent;
@@ -477,7 +478,8 @@ async fn call_agent(
     let mut hop_ctx = ctx.hop();
     hop_ctx.taint = taint;
     hop_ctx.trace = Some(trace);
-    let hop_header = hop_ctx.encode().map_err(|e| {
+    // Checked once here; every attempt encodes the same context with its own span id.
+    hop_ctx.encode().map_err(|e| {
         Denial::new(
             Kind::BadRequest,
             format!("cannot pass the run's context on: {e}"),
@@ -491,25 +493,41 @@ async fn call_agent(
     headers.remove(context::HEADER);
     headers.remove(USER_HEADER);
     headers.remove(header::CONTENT_LENGTH);
-    insert(&mut headers, context::HEADER, &hop_header);
-    insert(&mut headers, "traceparent", &trace.to_string());
-    let uri: Uri = format!("https://{}.{}.ringfence{rest}", peer.name, peer.namespace)
-        .parse()
-        .map_err(|_| Denial::new(Kind::BadRequest, format!("{rest} is not a valid path")))?;
-    let mut req = Request::builder()
-        .method(parts.method)
-        .uri(uri)
-        .version(http::Version::HTTP_2)
-        .body(body)
-        .map_err(|e| Denial::new(Kind::BadRequest, e.to_string()))?;
-    *req.headers_mut() = headers;
-
-    let timeout = child_timeout(content, deadline_ms);
-    let resp = p
-        .mesh
-        .send(&peer.spiffe_id, addr, req, timeout)
-        .await
-        .map_err(|e| forward_denial(e, me, callee, &run))?;
+    let call = sender::AgentCall {
+        snap,
+        to: peer,
+        addr,
+        idempotent: retry::agent_call_idempotent(&parts.method, method),
+        method: parts.method,
+        rest,
+        headers,
+        body,
+        hop: hop_ctx,
+        timeout: child_timeout(content, deadline_ms),
+    };
+    let sent = sender::to_agent(p, call, span).await;
+    let (peer, callee) = (sent.served_by, sent.served_by.name.as_str());
+    let resp = match sent.last {
+        Ok(mut resp) => {
+            if let Some(v) = sent
+                .fallback_refused
+                .as_deref()
+                .and_then(|n| HeaderValue::from_str(n).ok())
+            {
+                resp.headers_mut()
+                    .insert(crate::fallback::FALLBACK_HEADER, v);
+            }
+            resp
+        }
+        Err(e) => {
+            let mut d = forward_denial(e, me, callee, &run);
+            if let Some(note) = sent.fallback_refused {
+                // The refusal is this sidecar's own: the note goes in its message.
+                d.message = format!("{}; the fallback was {note}", d.message);
+            }
+            return Err(d);
+        }
+    };
     tracing::debug!(agent = %me, callee, run = %run, method = ?method.map(|m| m.name()), status = %resp.status(), "invoked");
 
     let (mut parts, incoming) = resp.into_parts();
@@ -643,11 +661,20 @@ async fn call_tool(
         .parse()
         .map_err(|_| Denial::new(Kind::BadRequest, format!("{url} is not a valid URL")))?;
     let http_method = parts.method.clone();
-    let req = egress_request(parts.method, parts.headers, uri, span.trace, full(body))?;
-    let timeout = child_timeout(content, ctx.deadline_ms);
-    let resp = p
-        .plain
-        .send(req, Some(timeout))
+    let tool_call = sender::ToolCall {
+        snap,
+        server,
+        idempotent: retry::tool_call_idempotent(
+            &parts.method,
+            call.as_ref().map(|c| c.method.as_str()),
+        ),
+        method: parts.method,
+        uri,
+        headers: parts.headers,
+        body,
+        timeout: child_timeout(content, ctx.deadline_ms),
+    };
+    let resp = sender::to_tool(p, tool_call, span)
         .await
         .map_err(|e| forward_denial(e, me, &edge_to, &ctx.run))?;
     if untrusted {
@@ -706,11 +733,6 @@ fn forward_denial(e: ForwardError, caller: &str, callee: &str, run: &str) -> Den
     d.edge(caller, callee).run(run)
 }
 
-fn insert(headers: &mut http::HeaderMap, name: &'static str, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(name, v);
-    }
-}
-
+mod sender;
 #[cfg(test)]
 mod tests;

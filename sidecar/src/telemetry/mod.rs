@@ -109,7 +109,8 @@ pub struct CallSpan {
     pub provider: Option<String>,
     /// The model that answered, when a fallback route answered instead of the one asked.
     pub response_model: Option<String>,
-    /// The route first asked (`provider/model`) when a fallback answered or was tried.
+    /// What the call was first meant for, when a fallback took it or was tried: the agent, or
+    /// the model route (`provider/model`).
     pub fallback_from: Option<String>,
     /// Each route left behind and why (`openai/gpt-4o: 503 Service Unavailable; …`).
     pub fallback_trail: Option<String>,
@@ -119,6 +120,8 @@ pub struct CallSpan {
     pub status: Option<u16>,
     /// What went wrong after the decision (an upstream failure, a broken stream).
     pub error: Option<String>,
+    /// Which attempt of the call this span is (1 the first; 0 for calls never attempted).
+    pub retry_attempt: u32,
     pub start: SystemTime,
     started: Instant,
 }
@@ -156,6 +159,7 @@ impl CallSpan {
             decision: None,
             status: None,
             error: None,
+            retry_attempt: 0,
             start: SystemTime::now(),
             started: Instant::now(),
         }
@@ -186,6 +190,16 @@ impl CallSpan {
         self.trace = Some(me);
         self.parent = None;
         me
+    }
+
+    /// The span of attempt `n` of this call, sent as `trace` (a span id of its own under the
+    /// call's parent) and started `at`: a retried attempt is a span of its own.
+    pub fn attempt(&self, trace: TraceParent, n: u32, at: (SystemTime, Instant)) -> Self {
+        let mut s = self.clone();
+        s.trace = Some(trace);
+        s.retry_attempt = n;
+        (s.start, s.started) = at;
+        s
     }
 
     /// A slot for the model path to fill with the call's usage.

@@ -226,6 +226,12 @@ pub fn span_data(f: &Finished, scope: &InstrumentationScope) -> SpanData {
     if s.cycle {
         attrs.push(KeyValue::new("ringfence.cycle", true));
     }
+    if s.retry_attempt > 1 {
+        attrs.push(KeyValue::new(
+            "ringfence.retry.attempt",
+            i64::from(s.retry_attempt),
+        ));
+    }
     if let Some(code) = s.status {
         attrs.push(KeyValue::new("http.response.status_code", i64::from(code)));
     }
