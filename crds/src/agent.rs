@@ -82,9 +82,11 @@ pub struct AgentSpec {
     /// LLM providers this agent reaches through its sidecar at `/models/<name>/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<ModelProvider>,
-    /// Another agent of this namespace that takes this agent's calls when this one fails
-    /// (cannot be reached, 5xx, 429, or outlives the caller's `perTryTimeoutMillis`). A caller's
-    /// sidecar falls back only when the caller's policy permits invoking the fallback too.
+    /// Another agent of this namespace that takes this agent's calls when this one fails: it
+    /// cannot be reached, or a call ends (after its retries) in a failure the caller's RunBudget
+    /// `retry.retryOn` names (503, 429, 502/504, a per-try timeout). A 500 never falls back. A
+    /// caller's sidecar falls back only when the caller's policy permits invoking the fallback
+    /// too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
     /// What the agent does, for people reading `kubectl describe`.
