@@ -6,6 +6,7 @@
 //! running budget service (`--budget https://…` with `--ca-file`, the trust domain's CA).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::budget::quota::QuotaStatus;
 use crate::budget::store::Store;
@@ -127,12 +129,31 @@ impl Ledger {
         if roots.is_empty() {
             bail!("--ca-file {} holds no certificate", ca.display());
         }
-        let config =
+        Ledger::service(base, Arc::new(roots), None)
+    }
+
+    /// A running budget service at `base` (https://host:port), its certificate verified with
+    /// `roots`; `client` is the certificate chain and key to present, when the caller has one
+    /// (the operator presents an SVID it minted).
+    pub fn service(
+        base: &str,
+        roots: Arc<rustls::RootCertStore>,
+        client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> anyhow::Result<Ledger> {
+        if !base.starts_with("https://") {
+            bail!("{base}: the budget service speaks HTTPS only; give https://host:port");
+        }
+        let builder =
             rustls::ClientConfig::builder_with_provider(ringfence_crds::svid::crypto_provider())
                 .with_safe_default_protocol_versions()
                 .context("setting up TLS")?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+                .with_root_certificates(roots);
+        let config = match client {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .context("the client certificate does not fit its key")?,
+            None => builder.with_no_client_auth(),
+        };
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_only()

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::index::{Index, Kind, Outcome};
+use super::quotas::Known;
 use super::reconcile::Ctx;
 use crate::compile::{Placement, Settings};
 use crate::distribute::{Projection, Publisher};
@@ -183,9 +184,15 @@ impl Cluster {
 
 pub const TRUST_BUNDLE_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 
-/// A reconcile context on `client`, seeing `outcome`.
+/// A reconcile context on `client`, seeing `outcome`, with no quota counters read.
 pub fn ctx(client: kube::Client, outcome: Arc<Outcome>) -> Arc<Ctx> {
+    ctx_with_quotas(client, outcome, None)
+}
+
+/// A reconcile context on `client`, seeing `outcome` and the quota counters `known`.
+pub fn ctx_with_quotas(client: kube::Client, outcome: Arc<Outcome>, known: Known) -> Arc<Ctx> {
     let (_tx, rx) = watch::channel(Some(outcome));
+    let (_quotas_tx, quotas) = watch::channel(known);
     Arc::new(Ctx {
         recorder: Recorder::new(
             client.clone(),
@@ -198,5 +205,6 @@ pub fn ctx(client: kube::Client, outcome: Arc<Outcome>) -> Arc<Ctx> {
         outcome: rx,
         trust_domain: Default::default(),
         trust_bundle_pem: TRUST_BUNDLE_PEM.to_owned(),
+        quotas,
     })
 }

@@ -5,17 +5,21 @@
 //! proven with the pod's ServiceAccount token ([`crate::identity::tokenreview`]) and signed by
 //! the CA kept in a Secret ([`ca_secret`]). The replica holding the leader Lease ([`lease`])
 //! also writes: each Agent's Service, the namespaces' trust bundles and every object's status
-//! ([`reconcile`], [`status`]).
+//! ([`reconcile`], [`status`]), with each RunBudget's quota counters read from the budget
+//! service ([`quotas`]).
 
 pub mod ca_secret;
 pub mod health;
 pub mod index;
 pub mod lease;
+pub mod quotas;
 pub mod reconcile;
 pub mod status;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod quota_tests;
 #[cfg(test)]
 mod tests;
 
@@ -78,6 +82,10 @@ pub struct OperatorOptions {
     /// replica with a certificate from the trust domain's CA.
     #[command(flatten)]
     pub webhook: crate::webhook::WebhookOptions,
+    /// The budget service (https://ringfence-budget.<ns>.svc:15013), read every 30 s for each
+    /// RunBudget's `status.quotas`; without it, no quota status is written.
+    #[arg(long, env = "RINGFENCE_BUDGET_URL")]
+    pub budget_url: Option<String>,
 }
 
 impl OperatorOptions {
@@ -115,6 +123,18 @@ pub async fn run(opts: OperatorOptions, shutdown: impl Future<Output = ()>) -> a
     .await
     .context("cannot set up the certificate authority")?;
     let identity = Arc::new(identity);
+    let (quotas_tx, quotas_rx) = watch::channel::<quotas::Known>(None);
+    let quotas_tx = Arc::new(quotas_tx);
+    let quota_source = match &opts.budget_url {
+        Some(url) => {
+            tracing::info!(%url, "reading quota counters for RunBudget statuses");
+            Some(
+                quotas::BudgetQuotas::new(url, identity.clone(), &opts.namespace)
+                    .context("cannot set up the budget service reader")?,
+            )
+        }
+        None => None,
+    };
 
     let settings = Settings {
         trust_domain: opts.trust_domain.clone(),
@@ -200,8 +220,13 @@ pub async fn run(opts: OperatorOptions, shutdown: impl Future<Output = ()>) -> a
         outcome: outcome_rx,
         trust_domain: opts.trust_domain.clone(),
         trust_bundle_pem: identity.trust_bundle_pem().to_owned(),
+        quotas: quotas_rx,
     });
-    tasks.spawn(lead(ctx, leading_rx));
+    let feed = quota_source.map(|source| QuotaFeed {
+        source,
+        known: quotas_tx.clone(),
+    });
+    tasks.spawn(lead(ctx, leading_rx, feed));
 
     tokio::pin!(shutdown);
     tokio::select! {
@@ -283,9 +308,15 @@ async fn project_loop(
     }
 }
 
+/// The budget service's reader and where it publishes, for the leader.
+struct QuotaFeed {
+    source: quotas::BudgetQuotas,
+    known: Arc<watch::Sender<quotas::Known>>,
+}
+
 /// The leader's controllers: started when this replica takes the Lease, stopped when it loses
 /// it.
-async fn lead(ctx: Arc<Ctx>, mut leading: watch::Receiver<bool>) {
+async fn lead(ctx: Arc<Ctx>, mut leading: watch::Receiver<bool>, feed: Option<QuotaFeed>) {
     loop {
         while !*leading.borrow_and_update() {
             if leading.changed().await.is_err() {
@@ -294,12 +325,21 @@ async fn lead(ctx: Arc<Ctx>, mut leading: watch::Receiver<bool>) {
         }
         tracing::info!("leading: writing status, Services and trust bundles");
         let controllers = tokio::spawn(controllers(ctx.clone()));
+        // Each term starts knowing nothing (counters from an earlier term may be older than what
+        // another leader wrote since) and reads with a fresh client.
+        let reader = feed.as_ref().map(|f| {
+            f.known.send_replace(None);
+            tokio::spawn(quotas::poll(f.source.fresh(), f.known.clone()))
+        });
         while *leading.borrow_and_update() {
             if leading.changed().await.is_err() {
                 break;
             }
         }
         controllers.abort();
+        if let Some(reader) = reader {
+            reader.abort();
+        }
         tracing::info!("no longer leading");
     }
 }
@@ -309,8 +349,14 @@ async fn controllers(ctx: Arc<Ctx>) {
     for kind in Kind::ALL {
         let ar = kind.api_resource();
         let api = Api::<DynamicObject>::all_with(ctx.client.clone(), &ar);
-        let mut controller = Controller::new_with(api, watcher::Config::default(), ar)
-            .reconcile_all_on(changes(ctx.outcome.clone()));
+        // RunBudgets also follow the quota counters (their `status.quotas`).
+        let trigger = if kind == Kind::RunBudget {
+            stream::select(changes(ctx.outcome.clone()), changes(ctx.quotas.clone())).boxed()
+        } else {
+            changes(ctx.outcome.clone()).boxed()
+        };
+        let mut controller =
+            Controller::new_with(api, watcher::Config::default(), ar).reconcile_all_on(trigger);
         if kind == Kind::Agent {
             controller = controller.owns(
                 Api::<Service>::all(ctx.client.clone()),

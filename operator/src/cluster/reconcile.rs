@@ -28,6 +28,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::index::{self, Kind, Outcome};
+use super::quotas;
 use super::status::{self, ServiceState};
 
 /// The field manager of every write the operator makes.
@@ -50,6 +51,8 @@ pub struct Ctx {
     pub outcome: watch::Receiver<Option<Arc<Outcome>>>,
     pub trust_domain: TrustDomain,
     pub trust_bundle_pem: String,
+    /// The budget service's quota counters by RunBudget, for their `status.quotas`.
+    pub quotas: watch::Receiver<quotas::Known>,
 }
 
 /// Why a reconcile failed; it is retried.
@@ -93,6 +96,7 @@ pub async fn reconcile(
     if malformed.is_none() && outcome.generations.get(&r) != Some(&obj.metadata.generation) {
         return Ok(Action::await_change());
     }
+    let current = obj.data.get("status").cloned().unwrap_or_default();
     let (wanted, fields) = match (kind, &parsed) {
         (Kind::Agent, Ok(Some(agent))) => {
             ensure_trust_bundle(&ctx, &r.namespace).await?;
@@ -106,9 +110,13 @@ pub async fn reconcile(
             status::agent(&outcome, &r, malformed, &unchanged, &ctx.trust_domain)
         }
         (Kind::AgentPolicy, _) => status::policy(&outcome, &r, malformed),
-        (Kind::RunBudget, _) => status::budget(&outcome, &r, malformed),
+        (Kind::RunBudget, _) => {
+            let (wanted, mut fields) = status::budget(&outcome, &r, malformed);
+            let usages = quotas::field(&ctx.quotas.borrow(), &r, &current);
+            fields.push(("quotas", usages));
+            (wanted, fields)
+        }
     };
-    let current = obj.data.get("status").cloned().unwrap_or_default();
     let generation = obj.metadata.generation;
     let Some(plan) = status::plan(&current, &wanted, generation, &fields, Timestamp::now()) else {
         return Ok(Action::await_change());

@@ -17,6 +17,7 @@ use rcgen::{CertificateParams, KeyPair};
 use ringfence::budget::service::{self, BudgetService};
 use ringfence::budget::store::Store;
 use ringfence::cli::local::{Local, LocalOptions};
+use ringfence::cluster::quotas::{self, BudgetQuotas};
 use ringfence::identity::{Identity, Proof};
 use ringfence_crds::api::{
     self, CsrRequest, HaltEvent, LeaseRequest, LeaseResponse, RunTerms, SpendAck, SpendEvent,
@@ -993,4 +994,46 @@ async fn a_daily_team_quota_halts_the_teams_runs_and_stays_spent_across_a_budget
         ),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn the_operator_reads_each_run_budgets_quota_counters_from_the_budget_service_under_its_own_svid()
+ {
+    let trust = Trust::new();
+    let research = trust.svid("research");
+    let (_dir, store) = sqlite_store().await;
+    let budget = Budget::start(&trust, store).await;
+    let run = new_run();
+    let terms = RunTerms {
+        quotas: vec![daily_team_quota("search")],
+        ..terms(None, OnBreach::HaltAndAlert)
+    };
+    let lease = budget.lease(&research, &run, &terms, 100).await;
+    budget
+        .report(
+            &research,
+            vec![spend("q1", &run, Some(&lease_id(&lease)), 40, 2_000_000)],
+        )
+        .await;
+
+    // The operator's reader: the CA's own SVID for ringfence-operator, over mTLS.
+    let url = format!("https://localhost:{}", budget.addr.port());
+    let mut reader =
+        BudgetQuotas::new(&url, trust.identity.clone(), "ringfence-system").expect("a reader");
+    let counters = reader.read().await.expect("the budget service answers");
+    let usages = quotas::group(&counters);
+    let daily = &usages[&("prod".to_owned(), "daily".to_owned())];
+    assert_eq!(daily.len(), 1, "{daily:?}");
+    assert_eq!(daily[0].id, "prod/daily#0");
+    assert_eq!(daily[0].key, "team:search");
+    assert_eq!(daily[0].window, "day");
+    assert_eq!(daily[0].tokens, 40);
+    assert_eq!(daily[0].cost_usd, "2.00");
+    assert!(!daily[0].exhausted);
+
+    // Once the service is gone, a read fails and says where it tried.
+    drop(budget);
+    let mut reader = reader.fresh();
+    let err = reader.read().await.expect_err("nothing answers");
+    assert!(err.to_string().contains(&url), "{err}");
 }
