@@ -7,8 +7,13 @@
 //! SVID there is none and the control plane sees an anonymous client (the CSR then carries the
 //! bootstrap token).
 //!
-//! One connection per request (HTTP/1.1): a CSR or an ack is rare, and the bundle stream holds
-//! its own connection for as long as it lasts.
+//! HTTP/1.1. By default one connection per request: a CSR or an ack is rare. The budget
+//! client, which reports spend and calls several times a second and leases on the request path,
+//! keeps its connections alive ([`ControlPlane::keep_alive`], the [`pool`] module) and makes a
+//! new one after a bounded age or an SVID rotation. Streams (bundles, halts) always hold a
+//! connection of their own for as long as they last.
+
+mod pool;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +38,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::identity::{CertificateAuthority, CredentialResolver, IdentityError};
+use pool::{Conn, Pool};
+
+/// How long the budget client uses one connection: a rotated SVID is presented within this
+/// (a rotation also retires older connections at the next request), and it costs a handshake a
+/// minute instead of several a second.
+pub const KEEP_ALIVE_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// Largest answer to a CSR or ack we read.
 const MAX_RESPONSE: usize = 1 << 20;
@@ -81,8 +92,30 @@ pub struct ControlPlane {
     authority: String,
     server_name: ServerName<'static>,
     connector: TlsConnector,
+    client_cert: Arc<CredentialResolver>,
+    /// Kept-alive connections for one-shot requests; `None`: a connection per request.
+    pool: Option<Arc<Pool>>,
     timeout: Duration,
     instance: String,
+}
+
+/// Whether a request may be sent again after it may have reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// The server applies it once whatever the number of deliveries (idempotency keys,
+    /// releases by lease id, acks).
+    Safe,
+    /// A second delivery would act twice (a lease grants again): resend only what was
+    /// provably never written to the connection.
+    OnlyUnsent,
+}
+
+/// How a request on a connection failed.
+enum Failure {
+    /// The connection was closed before the request was written.
+    Unsent(hyper::Error),
+    /// The request may have reached the server.
+    MaybeSent(hyper::Error),
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -139,19 +172,29 @@ impl ControlPlane {
             .with_safe_default_protocol_versions()
             .map_err(|e| ControlPlaneError::Tls(e.to_string()))?
             .with_webpki_verifier(verifier)
-            .with_client_cert_resolver(client_cert);
+            .with_client_cert_resolver(client_cert.clone());
         // A resumed session keeps the client identity of the session it resumes: the anonymous
         // one from before the first SVID, or an SVID since replaced. Every connection must
-        // present the current SVID, so no resumption (connections here are rare anyway).
+        // present the current SVID, so no resumption (connections here are rare or kept alive).
         config.resumption = rustls::client::Resumption::disabled();
         Ok(Self {
             addr: format!("{}:{port}", authority.host()),
             authority: authority.as_str().to_owned(),
             server_name,
             connector: TlsConnector::from(Arc::new(config)),
+            client_cert,
+            pool: None,
             timeout,
             instance: instance.to_owned(),
         })
+    }
+
+    /// Keeps connections of one-shot requests alive for reuse, each for at most `max_age`, and
+    /// only while the SVID it presented is the current one. A request that fails on a reused
+    /// connection is sent once more on a new one when resending is safe.
+    pub fn keep_alive(mut self, max_age: Duration) -> Self {
+        self.pool = Some(Arc::new(Pool::new(max_age)));
+        self
     }
 
     /// Where the control plane is, for logs.
@@ -209,27 +252,7 @@ impl ControlPlane {
     ) -> Result<Response<Incoming>, ControlPlaneError> {
         let exchange = async {
             let mut sender = self.connect().await?;
-            let mut builder = Request::builder()
-                .method(method)
-                .uri(uri)
-                .header(header::HOST, &self.authority)
-                .header(SIDECAR_HEADER, &self.instance)
-                .header(
-                    header::USER_AGENT,
-                    concat!("ringfence-sidecar/", env!("CARGO_PKG_VERSION")),
-                );
-            if body.is_some() {
-                builder = builder.header(header::CONTENT_TYPE, "application/json");
-            }
-            if let Some(token) = bearer {
-                builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
-            }
-            let request = builder
-                .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .map_err(|e| ControlPlaneError::Body {
-                    path,
-                    message: e.to_string(),
-                })?;
+            let request = self.request(path, uri, method, body.map(Bytes::from), bearer)?;
             Ok::<_, ControlPlaneError>(sender.send_request(request).await?)
         };
         let response = tokio::time::timeout(self.timeout, exchange)
@@ -243,16 +266,100 @@ impl ControlPlane {
         }
         let status = response.status();
         let message = match self.read_body(path, response).await {
-            Ok(bytes) => match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => body.error,
-                Err(_) => String::from_utf8_lossy(&bytes).chars().take(500).collect(),
-            },
+            Ok(bytes) => error_message(&bytes),
             Err(e) => e.to_string(),
         };
         Err(ControlPlaneError::Status {
             path,
             status,
             message,
+        })
+    }
+
+    fn request(
+        &self,
+        path: &'static str,
+        uri: &str,
+        method: Method,
+        body: Option<Bytes>,
+        bearer: Option<&str>,
+    ) -> Result<Request<Full<Bytes>>, ControlPlaneError> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, &self.authority)
+            .header(SIDECAR_HEADER, &self.instance)
+            .header(
+                header::USER_AGENT,
+                concat!("ringfence-sidecar/", env!("CARGO_PKG_VERSION")),
+            );
+        if body.is_some() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(token) = bearer {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        builder
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| ControlPlaneError::Body {
+                path,
+                message: e.to_string(),
+            })
+    }
+
+    /// A POST on a kept-alive connection, read to the end; the connection goes back to the pool
+    /// once its response is read. Retries once on a new connection when a reused one fails
+    /// before the response and `replay` allows it: the server may have closed it while idle.
+    async fn pooled_post(
+        &self,
+        pool: &Pool,
+        path: &'static str,
+        body: Bytes,
+        bearer: Option<&str>,
+        replay: Replay,
+    ) -> Result<Bytes, ControlPlaneError> {
+        let svid = self.client_cert.current();
+        let exchange = async {
+            let mut conn = match pool.checkout(&svid) {
+                Some(conn) => conn,
+                None => Conn::fresh(self.connect().await?, svid.clone()),
+            };
+            let response = loop {
+                let request = self.request(path, path, Method::POST, Some(body.clone()), bearer)?;
+                let error = match attempt(&mut conn, request).await {
+                    Ok(response) => break response,
+                    Err(Failure::Unsent(e)) if conn.reused => e,
+                    Err(Failure::MaybeSent(e)) if conn.reused && replay == Replay::Safe => e,
+                    Err(Failure::Unsent(e) | Failure::MaybeSent(e)) => return Err(e.into()),
+                };
+                tracing::debug!(path, error = %error, "a kept-alive control-plane connection failed; retrying on a new one");
+                conn = Conn::fresh(self.connect().await?, svid.clone());
+            };
+            let status = response.status();
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| ControlPlaneError::Body {
+                    path,
+                    message: e.to_string(),
+                })?
+                .to_bytes();
+            pool.checkin(conn);
+            Ok::<_, ControlPlaneError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ControlPlaneError::Timeout {
+                path,
+                after: self.timeout,
+            })??;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        Err(ControlPlaneError::Status {
+            path,
+            status,
+            message: error_message(&bytes),
         })
     }
 
@@ -280,13 +387,22 @@ impl ControlPlane {
         path: &'static str,
         body: &T,
         bearer: Option<&str>,
+        replay: Replay,
     ) -> Result<R, ControlPlaneError> {
         let body = serde_json::to_vec(body).map_err(|e| ControlPlaneError::Body {
             path,
             message: e.to_string(),
         })?;
-        let response = self.send(path, Method::POST, Some(body), bearer).await?;
-        let bytes = self.read_body(path, response).await?;
+        let bytes = match &self.pool {
+            Some(pool) => {
+                self.pooled_post(pool, path, Bytes::from(body), bearer, replay)
+                    .await?
+            }
+            None => {
+                let response = self.send(path, Method::POST, Some(body), bearer).await?;
+                self.read_body(path, response).await?
+            }
+        };
         if bytes.iter().all(u8::is_ascii_whitespace) {
             // An ack may be answered with an empty body; decode it as JSON null.
             return serde_json::from_slice(b"null").map_err(|e| ControlPlaneError::Body {
@@ -306,12 +422,14 @@ impl ControlPlane {
         request: &CsrRequest,
         token: Option<&str>,
     ) -> Result<CsrResponse, ControlPlaneError> {
-        self.post_json(CSR_PATH, request, token).await
+        // A second CSR would be signed a second time: harmless, but not worth a retry.
+        self.post_json(CSR_PATH, request, token, Replay::OnlyUnsent)
+            .await
     }
 
     /// `POST /v1/bundles/ack`.
     pub async fn ack(&self, ack: &BundleAck) -> Result<(), ControlPlaneError> {
-        self.post_json::<_, serde_json::Value>(ACK_PATH, ack, None)
+        self.post_json::<_, serde_json::Value>(ACK_PATH, ack, None, Replay::Safe)
             .await
             .map(drop)
     }
@@ -329,19 +447,23 @@ impl ControlPlane {
 impl ControlPlane {
     /// `POST /v1/budget/leases`.
     pub async fn lease(&self, request: &LeaseRequest) -> Result<LeaseResponse, ControlPlaneError> {
-        self.post_json(LEASE_PATH, request, None).await
+        // The budget service grants every lease request it receives: no idempotency key.
+        self.post_json(LEASE_PATH, request, None, Replay::OnlyUnsent)
+            .await
     }
 
     /// `POST /v1/budget/leases/release`.
     pub async fn release(&self, request: &ReleaseRequest) -> Result<(), ControlPlaneError> {
-        self.post_json::<_, serde_json::Value>(RELEASE_PATH, request, None)
+        // A lease released twice is answered "already released".
+        self.post_json::<_, serde_json::Value>(RELEASE_PATH, request, None, Replay::Safe)
             .await
             .map(drop)
     }
 
     /// `POST /v1/budget/spend`: `Ok` only once the spend is durable.
     pub async fn report(&self, report: &SpendReport) -> Result<SpendAck, ControlPlaneError> {
-        self.post_json(SPEND_PATH, report, None).await
+        // Spend events carry idempotency keys (`eventId`).
+        self.post_json(SPEND_PATH, report, None, Replay::Safe).await
     }
 
     /// `POST /v1/ledger/calls`: `Ok` only once the calls are durable.
@@ -349,7 +471,8 @@ impl ControlPlane {
         &self,
         report: &ringfence_crds::api::CallReport,
     ) -> Result<ringfence_crds::api::CallAck, ControlPlaneError> {
-        self.post_json(ringfence_crds::api::CALLS_PATH, report, None)
+        // Calls carry idempotency keys (`eventId`).
+        self.post_json(ringfence_crds::api::CALLS_PATH, report, None, Replay::Safe)
             .await
     }
 
@@ -360,6 +483,30 @@ impl ControlPlane {
             .send_to(HALTS_PATH, &uri, Method::GET, None, None)
             .await?;
         Ok(response.into_body())
+    }
+}
+
+/// Sends `request` on `conn` once it can take one.
+async fn attempt(
+    conn: &mut Conn,
+    request: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, Failure> {
+    // An idle HTTP/1.1 connection the server closed fails here, before anything is written.
+    conn.sender.ready().await.map_err(Failure::Unsent)?;
+    conn.sender
+        .try_send_request(request)
+        .await
+        .map_err(|e| match e.message() {
+            Some(_) => Failure::Unsent(e.into_error()),
+            None => Failure::MaybeSent(e.into_error()),
+        })
+}
+
+/// The `error` of an [`ErrorBody`], or the start of whatever else the body says.
+fn error_message(bytes: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => body.error,
+        Err(_) => String::from_utf8_lossy(bytes).chars().take(500).collect(),
     }
 }
 

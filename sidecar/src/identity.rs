@@ -234,7 +234,8 @@ impl CredentialResolver {
         Self(credentials)
     }
 
-    fn current(&self) -> Option<Arc<CertifiedKey>> {
+    /// The certificate and key the next handshake presents.
+    pub(crate) fn current(&self) -> Option<Arc<CertifiedKey>> {
         self.0.borrow().as_ref().map(|c| c.certified_key.clone())
     }
 }

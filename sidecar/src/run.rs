@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState};
 use crate::bundle::{BundleWatch, Snapshot};
 use crate::config::Config;
-use crate::control_plane::{ControlPlane, ControlPlaneError};
+use crate::control_plane::{ControlPlane, ControlPlaneError, KEEP_ALIVE_MAX_AGE};
 use crate::identity::{CredentialStore, Credentials, Identity, SystemClock};
 use crate::listen;
 use crate::metrics::{Metrics, MetricsError};
@@ -152,7 +152,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         store.resolver(),
         config.tuning.request_timeout,
         &instance_name(),
-    )?;
+    )?
+    .keep_alive(KEEP_ALIVE_MAX_AGE);
     let exporter = telemetry::otlp::from_env(&config.agent)?;
     let (ledger_tx, ledger_rx) = telemetry::ledger::queue();
     let (span_tx, span_rx) = match &exporter {

@@ -868,7 +868,26 @@ async fn a_daily_team_quota_refuses_the_teams_model_calls_across_runs_and_surviv
     let r = model_call("writer", None).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 
-    // A restarted budget service still holds the day's spend.
+    // A restarted budget service still holds the day's spend. The sidecars report spend in
+    // batches a little after each call: wait until the service has it before killing it.
+    let search_tokens = || async {
+        let (_, body) = ringfence_e2e::get_tls(budget_addr, &ca, "/v1/quotas")
+            .await
+            .ok()?;
+        let quotas: serde_json::Value = serde_json::from_str(&body).ok()?;
+        quotas
+            .as_array()?
+            .iter()
+            .find(|q| q["key"] == "team:search")?["tokens"]
+            .as_u64()
+    };
+    ringfence_e2e::eventually(
+        Duration::from_secs(10),
+        "the search team's spend",
+        || async { search_tokens().await.filter(|t| *t == 150 * served) },
+    )
+    .await
+    .unwrap();
     service.kill();
     service = start_service();
     ready().await;
