@@ -100,6 +100,30 @@ impl TestCa {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         (vec![cert.der().clone()], key)
     }
+
+    /// A TLS acceptor for a fake control-plane server on 127.0.0.1: this CA's server
+    /// certificate, and client certificates from this CA verified when presented (a CSR comes
+    /// without one).
+    pub fn loopback_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der().clone()).expect("CA certificate");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .expect("client verifier");
+        let (chain, key) = self.server_cert(IpAddr::from([127, 0, 0, 1]));
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .expect("server config");
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+    }
 }
 
 /// The Cedar schema the policy compiler emits.

@@ -23,12 +23,9 @@ use ringfence_crds::spiffe::AgentKey;
 use ringfence_sidecar::control_plane::{ControlPlane, ControlPlaneError};
 use ringfence_sidecar::identity::{CredentialResolver, Credentials};
 use ringfence_sidecar::testing::TestCa;
-use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
-use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
-use tokio_rustls::TlsAcceptor;
 
 /// A budget service that answers spend, ledger and lease requests.
 struct FakeBudget {
@@ -68,22 +65,7 @@ impl FakeBudget {
     }
 
     async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca.der().clone()).unwrap();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .unwrap();
-        let (chain, key) = self.ca.server_cert("127.0.0.1".parse().unwrap());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = self.ca.loopback_acceptor();
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;

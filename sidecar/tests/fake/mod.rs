@@ -15,12 +15,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use ringfence_crds::api::{ACK_PATH, BundleAck, CSR_PATH, CsrRequest, ErrorBody, WATCH_PATH};
 use ringfence_sidecar::testing::TestCa;
-use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
-use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
 pub const TOKEN: &str = "bootstrap-token-for-research";
 
@@ -70,22 +67,7 @@ impl FakeControlPlane {
 
     /// Serves HTTPS on `listener` until the task is aborted.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca.der().clone()).unwrap();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .unwrap();
-        let (chain, key) = self.ca.server_cert("127.0.0.1".parse().unwrap());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = self.ca.loopback_acceptor();
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
