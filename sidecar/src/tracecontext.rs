@@ -218,9 +218,16 @@ pub fn parse_span_id(hex: &str) -> Result<[u8; 8], TraceContextError> {
 /// Writes `bytes` as lowercase hex.
 pub fn write_hex(out: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for &byte in bytes {
-        out.write_char(char::from(DIGITS[usize::from(byte >> 4)]))?;
-        out.write_char(char::from(DIGITS[usize::from(byte & 0x0f)]))?;
+    // Through a buffer: one `write_str` per 32 bytes, not a formatter call per digit.
+    let mut buf = [0u8; 64];
+    for chunk in bytes.chunks(32) {
+        for (pair, &byte) in buf.chunks_exact_mut(2).zip(chunk) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0x0f)];
+        }
+        let digits = &buf[..chunk.len() * 2];
+        // Only ASCII hex digits were written.
+        out.write_str(std::str::from_utf8(digits).map_err(|_| fmt::Error)?)?;
     }
     Ok(())
 }
@@ -261,12 +268,13 @@ fn nibble(c: u8) -> Option<u8> {
     }
 }
 
-/// A random, non-zero id. If the system's random source fails (it does not, in practice), the
-/// id comes from the clock and a counter instead: trace ids must be unique, not secret.
+/// A random, non-zero id. Trace and span ids must be unique, not secret: they come from a
+/// thread-local generator seeded from the system's randomness (`fastrand`), without the system
+/// call per id that drawing from the kernel costs on every request.
 fn random_id<const N: usize>() -> [u8; N] {
-    use ring::rand::{SecureRandom, SystemRandom};
     let mut id = [0u8; N];
-    if SystemRandom::new().fill(&mut id).is_err() || id.iter().all(|&b| b == 0) {
+    fastrand::fill(&mut id);
+    if id.iter().all(|&b| b == 0) {
         fallback_id(&mut id);
     }
     id
@@ -429,6 +437,18 @@ mod tests {
         fallback_id(&mut b);
         assert_ne!(a, [0; 16]);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn hex_is_written_across_buffer_chunks() {
+        let bytes: Vec<u8> = (0..=80).collect();
+        let mut out = String::new();
+        write_hex(&mut out, &bytes).unwrap();
+        let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(out, expected);
+        let mut empty = String::new();
+        write_hex(&mut empty, &[]).unwrap();
+        assert_eq!(empty, "");
     }
 
     #[test]

@@ -100,9 +100,11 @@ async fn inbound(
     let body = read_body(body, MAX_REQUEST_BODY)
         .await
         .map_err(|d| (d, None))?;
-    let rpc_id = jsonrpc::parse_request(&body)
-        .ok()
-        .and_then(|e| e.id.map(|id| id.as_json().to_owned()));
+    // Parsed once: for the id a refusal answers with, and for what the call is.
+    let envelope = jsonrpc::parse_request(&body).ok();
+    let rpc_id = envelope
+        .as_ref()
+        .and_then(|e| e.id.as_ref().map(|id| id.as_json().to_owned()));
     let fail = |d: Denial| (d, rpc_id.clone());
 
     let header_value = parts
@@ -133,9 +135,9 @@ async fn inbound(
         Some(t) => span.child_of(t),
         None => span.root(),
     };
-    if let Some(call) = jsonrpc::parse_request(&body)
-        .ok()
-        .map(|e| a2a::inspect_envelope(&e))
+    if let Some(call) = envelope
+        .as_ref()
+        .map(a2a::inspect_envelope)
         .filter(|c| c.method.is_some())
         .or_else(|| a2a::inspect_http(&parts.method, parts.uri.path(), &body))
     {
@@ -221,7 +223,7 @@ async fn inbound(
     let mut req = Request::builder()
         .method(parts.method)
         .uri(uri)
-        .body(full(body))
+        .body(full(body.clone()))
         .map_err(|e| fail(Denial::new(Kind::BadRequest, e.to_string())))?;
     *req.headers_mut() = headers;
     // No timeout here: the caller's sidecar times out its own call.

@@ -140,9 +140,11 @@ async fn outbound(
     let body = read_body(body, MAX_REQUEST_BODY)
         .await
         .map_err(|d| (label.clone(), d, None))?;
-    let rpc_id = jsonrpc::parse_request(&body)
-        .ok()
-        .and_then(|e| e.id.map(|id| id.as_json().to_owned()));
+    // Parsed once: for the id a refusal answers with, and for what an agent call is.
+    let envelope = jsonrpc::parse_request(&body).ok();
+    let rpc_id = envelope
+        .as_ref()
+        .and_then(|e| e.id.as_ref().map(|id| id.as_json().to_owned()));
     let fail = |d: Denial| (label.clone(), d, rpc_id.clone());
 
     let callee_name = match &target {
@@ -187,7 +189,12 @@ async fn outbound(
     let sealed = started_run.then(|| p.sealer.seal(&ctx).ok()).flatten();
     let resp = match target {
         Target::Agent { name, rest } => {
-            call_agent(p, &snap, ctx, taint, &name, &rest, parts, body, span).await
+            let call = AgentRequest {
+                parts,
+                body: body.clone(),
+                envelope: envelope.as_ref(),
+            };
+            call_agent(p, &snap, ctx, taint, &name, &rest, call, span).await
         }
         Target::Tool { server, rest } => {
             call_tool(p, &snap, ctx, taint, &server, &rest, parts, body, span).await
@@ -394,6 +401,13 @@ fn child_timeout(content: &BundleContent, deadline_ms: Option<u64>) -> Duration 
         .min(DEFAULT_TIMEOUT)
 }
 
+/// An agent call's request as the app sent it, its JSON-RPC envelope parsed when it has one.
+struct AgentRequest<'b> {
+    parts: http::request::Parts,
+    body: Bytes,
+    envelope: Option<&'b jsonrpc::Envelope<'b>>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn call_agent(
     p: &Proxy,
@@ -402,10 +416,14 @@ async fn call_agent(
     taint: Vec<String>,
     callee: &str,
     rest: &str,
-    parts: http::request::Parts,
-    body: Bytes,
+    req: AgentRequest<'_>,
     span: &mut CallSpan,
 ) -> Result<Response<Body>, Denial> {
+    let AgentRequest {
+        parts,
+        body,
+        envelope,
+    } = req;
     let content = &snap.bundle.content;
     let me = content.agent.name.as_str();
     let peer: &AgentEntry = snap.agent_named(callee).ok_or_else(|| {
@@ -426,9 +444,8 @@ async fn call_agent(
     let a2a_call = if well_known_card {
         None
     } else {
-        jsonrpc::parse_request(&body)
-            .ok()
-            .map(|e| a2a::inspect_envelope(&e))
+        envelope
+            .map(a2a::inspect_envelope)
             .filter(|c| c.method.is_some())
             .or_else(|| a2a::inspect_http(&parts.method, rest, &body))
     };
@@ -478,8 +495,9 @@ async fn call_agent(
     let mut hop_ctx = ctx.hop();
     hop_ctx.taint = taint;
     hop_ctx.trace = Some(trace);
-    // Checked once here; every attempt encodes the same context with its own span id.
-    hop_ctx.encode().map_err(|e| {
+    // Checked once here, under the call's span id, which the first attempt is sent with; a
+    // retried attempt encodes the same context under its own span id.
+    let encoded = hop_ctx.encode().map_err(|e| {
         Denial::new(
             Kind::BadRequest,
             format!("cannot pass the run's context on: {e}"),
@@ -503,6 +521,7 @@ async fn call_agent(
         headers,
         body,
         hop: hop_ctx,
+        encoded,
         timeout: child_timeout(content, deadline_ms),
     };
     let sent = sender::to_agent(p, call, span).await;

@@ -15,9 +15,13 @@
 //! The level ([`Level`]) chooses which calls are logged. Lines go through a bounded queue
 //! ([`DECISION_QUEUE`]) to a writer task: a full queue (a stalled stdout, a slow disk) drops the
 //! line and counts it in `ringfence_telemetry_dropped_total{queue="decisions"}`; the request
-//! never waits. The sidecar's own logs go to stderr, so stdout carries nothing but these lines.
+//! never waits. The writer gathers what arrives within [`GATHER`] and writes it at once: tokio
+//! writes stdout and files on its blocking pool, a thread hand-off per write, so a write per
+//! line cost more CPU than the call it logged (see docs/benchmarks.md). The sidecar's own logs go
+//! to stderr, so stdout carries nothing but these lines.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -32,6 +36,8 @@ use crate::metrics::Metrics;
 pub const DECISION_QUEUE: usize = 16_384;
 /// Lines written per write: whatever is queued, up to this many.
 const BATCH: usize = 256;
+/// How long the writer gathers lines after the first before it writes them.
+pub const GATHER: Duration = Duration::from_millis(50);
 
 /// Which calls get a decision line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -199,15 +205,14 @@ pub async fn write(
     mut out: impl AsyncWrite + Unpin,
     metrics: Metrics,
 ) {
-    let mut lines = Vec::with_capacity(BATCH);
     let mut buf = Vec::with_capacity(BATCH * 512);
     let mut failing = false;
-    while rx.recv_many(&mut lines, BATCH).await > 0 {
+    while let Some(lines) = crate::batch::next(&mut rx, BATCH, GATHER).await {
         buf.clear();
-        for l in lines.drain(..) {
+        for l in &lines {
             buf.extend_from_slice(l.as_bytes());
         }
-        let n = buf.iter().filter(|b| **b == b'\n').count();
+        let n = lines.len();
         let written = async {
             out.write_all(&buf).await?;
             out.flush().await

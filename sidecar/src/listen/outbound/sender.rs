@@ -85,6 +85,9 @@ struct ToAgent<'a> {
     headers: HeaderMap,
     body: Bytes,
     hop: RunContext,
+    /// The hop context already encoded under one span id: the first attempt's, when it is sent
+    /// under the call's own span.
+    encoded: Option<(TraceParent, String)>,
     spans: Spans<'a>,
 }
 
@@ -96,7 +99,10 @@ impl ToAgent<'_> {
             reason,
         };
         self.hop.trace = Some(trace);
-        let ctx = self.hop.encode().map_err(|e| failed(e.to_string()))?;
+        let ctx = match self.encoded.take() {
+            Some((t, ctx)) if t == trace => ctx,
+            _ => self.hop.encode().map_err(|e| failed(e.to_string()))?,
+        };
         let mut headers = self.headers.clone();
         insert(&mut headers, context::HEADER, &ctx);
         insert(&mut headers, "traceparent", &trace.to_string());
@@ -155,6 +161,8 @@ pub(super) struct AgentCall<'a> {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub hop: RunContext,
+    /// `hop` encoded as the caller checked it, under the call's own span id.
+    pub encoded: String,
     pub idempotent: bool,
     /// The call's whole time, across attempts and a fallback.
     pub timeout: Duration,
@@ -176,6 +184,7 @@ pub(super) async fn to_agent<'a>(
         headers,
         body,
         hop,
+        encoded,
         idempotent,
         timeout,
     } = call;
@@ -208,6 +217,7 @@ pub(super) async fn to_agent<'a>(
         headers,
         body,
         hop,
+        encoded: Some((base, encoded)),
         spans: Spans::new(span, base, true),
     };
     let done = attempts::run(&plan(&to.name), &mut primary).await;
@@ -279,6 +289,7 @@ pub(super) async fn to_agent<'a>(
         headers,
         body,
         hop,
+        encoded: None,
         spans: Spans::new(span, base, false),
     };
     let done = attempts::run(&plan(&next.name), &mut second).await;

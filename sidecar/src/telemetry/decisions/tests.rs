@@ -255,3 +255,59 @@ async fn a_file_that_cannot_be_opened_says_which_flag_to_fix() {
         .unwrap();
     assert!(err.to_string().contains("--decision-log-file"), "{err}");
 }
+
+/// Counts the writes it is handed; each takes everything offered.
+#[derive(Clone, Default)]
+struct Writes(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+impl tokio::io::AsyncWrite for Writes {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.lock().unwrap().push(buf.len());
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn lines_arriving_within_the_gather_window_cost_one_write() {
+    let metrics = Metrics::new().unwrap();
+    let (log, rx) = DecisionLog::new(Level::All, 1024);
+    let t = Telemetry::new(None, None, metrics.clone()).with_decisions(log);
+    let out = Writes::default();
+    let writer = tokio::spawn(write(rx, out.clone(), metrics.clone()));
+    // 100 calls over 40 ms (tokio's timer ticks in milliseconds): inside one window.
+    for i in 0..100 {
+        t.finish(denied_call());
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+    }
+    tokio::time::sleep(GATHER).await;
+    let writes = out.0.lock().unwrap().clone();
+    assert_eq!(writes.len(), 1, "one write for the window: {writes:?}");
+    // A call after the window is written on its own.
+    t.finish(denied_call());
+    drop(t);
+    writer.await.unwrap();
+    assert_eq!(out.0.lock().unwrap().len(), 2);
+    assert!(
+        metrics
+            .encode()
+            .contains("ringfence_telemetry_sent_total{queue=\"decisions\"} 101")
+    );
+}
