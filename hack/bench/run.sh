@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for the benchmark suite: installs what it needs (nginx from Debian, LiteLLM from
-# PyPI at a pinned version), builds release binaries, runs every target side by side in
-# interleaved rounds and writes a markdown report. Bounded: every measurement stops at its
-# request count or its duration. See docs/benchmarks.md.
+# PyPI at a pinned version), builds the binaries as shipped (profile `dist`: fat LTO, one
+# codegen unit), runs every target side by side in interleaved rounds and writes a markdown
+# report. Bounded: every measurement stops at its request count or its duration. See
+# docs/benchmarks.md.
 #
 #   bash hack/bench/run.sh                      # report in $BENCH_DIR/report.md
 #   ROUNDS=5 SECONDS_PER_RUN=6 bash hack/bench/run.sh
@@ -48,13 +49,13 @@ if [[ -z ${SKIP_LITELLM:-} ]]; then
   LITELLM="$venv/bin/litellm"
 fi
 
-cargo build --release --locked -p ringfence -p ringfence-sidecar -p ringfence-bench
+cargo build --profile dist --locked -p ringfence -p ringfence-sidecar -p ringfence-bench
 
 if [[ ${1:-} == --micro ]]; then
   cargo bench --locked -p ringfence-sidecar --bench hot_path | tee "$BENCH_DIR/micro.txt"
 fi
 
-python3 hack/bench/suite.py --bin "$TARGET_DIR/release" --dir "$BENCH_DIR" \
+python3 hack/bench/suite.py --bin "$TARGET_DIR/dist" --dir "$BENCH_DIR" \
   --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" --rates "$RATES" \
   --targets "$TARGETS" --workloads "$WORKLOADS" \
   --litellm "$LITELLM" --out "$BENCH_DIR/report.md"

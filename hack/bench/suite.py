@@ -203,7 +203,7 @@ def fmt_range(xs, digits=0):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=str(ROOT / "target/release"))
+    ap.add_argument("--bin", default=str(ROOT / "target/dist"))
     ap.add_argument("--dir", default="/tmp/rfbench")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)

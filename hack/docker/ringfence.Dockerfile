@@ -11,8 +11,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p ringfence --bin ringfence \
- && cp target/release/ringfence /ringfence
+    cargo build --profile dist --locked -p ringfence --bin ringfence \
+ && cp target/dist/ringfence /ringfence
 # Fail the build, not the pod, if anything linked dynamically.
 RUN ! ldd /ringfence 2>/dev/null | grep -q '=>'
 

@@ -10,8 +10,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p ringfence-sidecar --bin ringfence-sidecar \
- && cp target/release/ringfence-sidecar /ringfence-sidecar
+    cargo build --profile dist --locked -p ringfence-sidecar --bin ringfence-sidecar \
+ && cp target/dist/ringfence-sidecar /ringfence-sidecar
 RUN ! ldd /ringfence-sidecar 2>/dev/null | grep -q '=>'
 
 FROM gcr.io/distroless/static-debian12:nonroot
