@@ -150,9 +150,31 @@ pub fn expired_creds(mesh: &Mesh, agent: &str) -> Creds {
     }
 }
 
-/// POSTs to a sidecar's inbound listener over mTLS (HTTP/2) with `creds`, as another sidecar
+/// How a caller speaks to a sidecar's inbound listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// HTTP/1.1 (ALPN `http/1.1`), as sidecars call each other.
+    Http1,
+    /// HTTP/2 (ALPN `h2`), as sidecars of earlier releases did.
+    Http2,
+}
+
+/// POSTs to a sidecar's inbound listener over mTLS (HTTP/1.1) with `creds`, as another sidecar
 /// would. `Err` when the TLS handshake or the connection fails.
 pub async fn mtls_post(
+    addr: SocketAddr,
+    ca_pem: &str,
+    creds: &Creds,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> anyhow::Result<Reply> {
+    mtls_post_over(Wire::Http1, addr, ca_pem, creds, path, headers, body).await
+}
+
+/// [`mtls_post`] over the given protocol.
+pub async fn mtls_post_over(
+    wire: Wire,
     addr: SocketAddr,
     ca_pem: &str,
     creds: &Creds,
@@ -172,7 +194,10 @@ pub async fn mtls_post(
             svid::certs_from_pem(&creds.chain)?,
             svid::key_from_pem(&creds.key)?,
         )?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![match wire {
+        Wire::Http1 => b"http/1.1".to_vec(),
+        Wire::Http2 => b"h2".to_vec(),
+    }];
     let tcp = TcpStream::connect(addr).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
@@ -180,21 +205,42 @@ pub async fn mtls_post(
             tcp,
         )
         .await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
-    tokio::spawn(conn);
+    let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let mut b = Request::post(format!("https://sidecar.ringfence{path}"));
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        sender.send_request(b.body(Full::new(Bytes::from(body.to_owned())))?),
-    )
-    .await??;
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await?.to_bytes();
+    let req = b.body(Full::new(Bytes::from(body.to_owned())))?;
+    let sent = match wire {
+        Wire::Http1 => {
+            anyhow::ensure!(
+                negotiated.as_deref() == Some(b"http/1.1"),
+                "ALPN negotiated {negotiated:?}"
+            );
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+            tokio::spawn(conn);
+            let mut req = req;
+            *req.uri_mut() = path.parse()?;
+            req.headers_mut()
+                .insert("host", "sidecar.ringfence".parse()?);
+            tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await??
+        }
+        Wire::Http2 => {
+            anyhow::ensure!(
+                negotiated.as_deref() == Some(b"h2"),
+                "ALPN negotiated {negotiated:?}"
+            );
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await?;
+            tokio::spawn(conn);
+            tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await??
+        }
+    };
+    let status = sent.status();
+    let headers = sent.headers().clone();
+    let bytes = sent.into_body().collect().await?.to_bytes();
     Ok(Reply {
         status,
         headers,

@@ -10,8 +10,8 @@ pub mod otlp;
 pub mod peers;
 
 pub use certs::{
-    expired_creds, foreign_trust_domain_creds, hop_context, mtls_post, self_signed_creds,
-    tls_creds_for,
+    Wire, expired_creds, foreign_trust_domain_creds, hop_context, mtls_post, mtls_post_over,
+    self_signed_creds, tls_creds_for,
 };
 pub use mesh::sse_response;
 

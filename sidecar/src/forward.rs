@@ -1,23 +1,28 @@
-//! Sending requests on: to another agent's sidecar over mTLS (HTTP/2, one multiplexed
-//! connection per peer), or in plain HTTP to this agent's app and to tool servers.
+//! Sending requests on: to another agent's sidecar over mTLS (HTTP/1.1, kept-alive connections
+//! pooled per peer), or in plain HTTP to this agent's app and to tool servers.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Uri;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ringfence_crds::SpiffeId;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use crate::tls::{MeshTls, MeshTlsError};
 
@@ -55,24 +60,47 @@ pub enum ForwardError {
 
 /// How long to wait for a TCP connection and a TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle mesh connections kept per peer, and for how long.
+const MESH_IDLE_PER_PEER: usize = 64;
+const MESH_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Clients to other sidecars, one HTTP/2 connection each.
+/// Where each peer's sidecar is, by the authority its requests are sent to
+/// (`<name>.<namespace>.ringfence`): the SPIFFE ID it must present and its inbound address.
+type Routes = Arc<Mutex<HashMap<String, (SpiffeId, String)>>>;
+
+/// Clients to other sidecars: HTTP/1.1 over mTLS, kept-alive connections pooled per peer.
+///
+/// HTTP/1.1 rather than HTTP/2: a request goes out as one write (head and body together) and
+/// the answer comes back on the connection that sent it, with no stream bookkeeping, HPACK or
+/// task per request; HTTP/2 sent the head and the body in separate TLS records and cost the
+/// pair ~15 % more CPU per call (docs/benchmarks.md). A peer is pooled by its identity: the
+/// authority names the agent, and a connection is only ever made to a server that proved it is
+/// that agent.
 pub struct Mesh {
-    tls: Arc<MeshTls>,
-    conns: Mutex<HashMap<SpiffeId, http2::SendRequest<Body>>>,
+    routes: Routes,
+    client: Client<MeshConnector, Body>,
 }
 
 impl Mesh {
     pub fn new(tls: Arc<MeshTls>) -> Self {
-        Self {
+        let routes = Routes::default();
+        let connector = MeshConnector {
             tls,
-            conns: Mutex::new(HashMap::new()),
-        }
+            routes: routes.clone(),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(MESH_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(MESH_IDLE_PER_PEER)
+            // A request that met a pooled connection the peer had closed, before a byte of it
+            // was written, goes once more on a new one.
+            .retry_canceled_requests(true)
+            .build(connector);
+        Self { routes, client }
     }
 
-    /// Sends `req` to the sidecar of `peer` at `addr`, waiting at most `timeout` for the
-    /// response head. The request body is in memory, so a request on a connection found closed
-    /// is sent once more on a new one.
+    /// Sends `req` (an `https://<name>.<namespace>.ringfence/…` URI) to the sidecar of `peer`
+    /// at `addr`, waiting at most `timeout` for the response head.
     pub async fn send(
         &self,
         peer: &SpiffeId,
@@ -81,110 +109,180 @@ impl Mesh {
         timeout: Duration,
     ) -> Result<Response<Incoming>, ForwardError> {
         let target = peer.to_string();
-        let work = async {
-            for attempt in 0..2 {
-                let mut sender = self.connection(peer, addr, attempt > 0).await?;
-                let (parts, bytes) = req.clone().into_parts();
-                match sender
-                    .send_request(Request::from_parts(parts, full(bytes)))
-                    .await
-                {
-                    Ok(resp) => return Ok(resp),
-                    // Nothing reached the peer: the pooled connection had gone away.
-                    Err(e) if attempt == 0 && (e.is_closed() || e.is_canceled()) => {
-                        self.forget(peer);
-                    }
-                    Err(e) => {
-                        self.forget(peer);
-                        return Err(ForwardError::Upstream {
-                            target: target.clone(),
-                            reason: e.to_string(),
-                        });
-                    }
-                }
-            }
-            Err(ForwardError::Upstream {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .ok_or_else(|| ForwardError::Upstream {
                 target: target.clone(),
-                reason: "the connection closed twice".into(),
-            })
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or(Err(ForwardError::Timeout {
-                target,
-                after: timeout,
-            }))
+                reason: "the request names no peer".into(),
+            })?;
+        self.route(authority, peer, addr);
+        let (mut parts, bytes) = req.into_parts();
+        parts.version = http::Version::HTTP_11;
+        let sent = self.client.request(Request::from_parts(parts, full(bytes)));
+        let result =
+            tokio::time::timeout(timeout, sent)
+                .await
+                .map_err(|_| ForwardError::Timeout {
+                    target: target.clone(),
+                    after: timeout,
+                })?;
+        result.map_err(|e| mesh_error(&e, &target, addr))
     }
 
-    fn forget(&self, peer: &SpiffeId) {
-        self.conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(peer);
-    }
-
-    async fn connection(
-        &self,
-        peer: &SpiffeId,
-        addr: &str,
-        fresh: bool,
-    ) -> Result<http2::SendRequest<Body>, ForwardError> {
-        if !fresh {
-            let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(s) = conns.get(peer).filter(|s| !s.is_closed()) {
-                return Ok(s.clone());
+    /// Records where `authority`'s peer is; new connections go there.
+    fn route(&self, authority: String, peer: &SpiffeId, addr: &str) {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        match routes.get(&authority) {
+            Some((id, at)) if id == peer && at == addr => {}
+            _ => {
+                // Bounded by the agents of the bundle.
+                routes.insert(authority, (peer.clone(), addr.to_owned()));
             }
         }
-        let config = self.tls.client_config(peer)?;
-        let connect = async {
-            let tcp = TcpStream::connect(addr)
-                .await
-                .map_err(|e| ForwardError::Connect {
-                    addr: addr.to_owned(),
-                    reason: e.to_string(),
-                })?;
-            let _ = tcp.set_nodelay(true);
-            // The verifier checks the SPIFFE ID; the name only has to be well-formed.
-            let name =
-                ServerName::try_from(format!("{}.{}.ringfence", peer.name(), peer.namespace()))
+    }
+}
+
+/// The error of a mesh request: the connector's own (connect, TLS) as it said it, else the
+/// connection's.
+fn mesh_error(e: &hyper_util::client::legacy::Error, target: &str, addr: &str) -> ForwardError {
+    let source = std::error::Error::source(e);
+    match source.and_then(|s| s.downcast_ref::<ForwardError>()) {
+        Some(ForwardError::Tls { peer, reason }) => ForwardError::Tls {
+            peer: peer.clone(),
+            reason: reason.clone(),
+        },
+        Some(ForwardError::MeshTls(m)) => ForwardError::MeshTls(m.clone()),
+        Some(other) => ForwardError::Connect {
+            addr: addr.to_owned(),
+            reason: other.to_string(),
+        },
+        None if e.is_connect() => ForwardError::Connect {
+            addr: addr.to_owned(),
+            reason: source.map_or_else(|| e.to_string(), ToString::to_string),
+        },
+        None => ForwardError::Upstream {
+            target: target.to_owned(),
+            reason: source.map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
+        },
+    }
+}
+
+/// Opens mTLS connections to peer sidecars for the mesh's pool.
+#[derive(Clone)]
+struct MeshConnector {
+    tls: Arc<MeshTls>,
+    routes: Routes,
+}
+
+impl tower_service::Service<Uri> for MeshConnector {
+    type Response = TokioIo<MeshStream>;
+    type Error = ForwardError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ForwardError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let authority = uri.authority().map(|a| a.as_str().to_owned());
+        let route = authority.as_ref().and_then(|a| {
+            self.routes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(a)
+                .cloned()
+        });
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let Some((peer, addr)) = route else {
+                return Err(ForwardError::Upstream {
+                    target: authority.unwrap_or_default(),
+                    reason: "no route to this peer's sidecar".into(),
+                });
+            };
+            let config = tls.client_config(&peer)?;
+            let connect = async {
+                let tcp = TcpStream::connect(&addr)
+                    .await
+                    .map_err(|e| ForwardError::Connect {
+                        addr: addr.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let _ = tcp.set_nodelay(true);
+                // The verifier checks the SPIFFE ID; the name only has to be well-formed.
+                let name =
+                    ServerName::try_from(format!("{}.{}.ringfence", peer.name(), peer.namespace()))
+                        .map_err(|e| ForwardError::Tls {
+                            peer: peer.to_string(),
+                            reason: e.to_string(),
+                        })?;
+                TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
                     .map_err(|e| ForwardError::Tls {
                         peer: peer.to_string(),
                         reason: e.to_string(),
-                    })?;
-            TlsConnector::from(config)
-                .connect(name, tcp)
+                    })
+            };
+            let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
                 .await
-                .map_err(|e| ForwardError::Tls {
-                    peer: peer.to_string(),
-                    reason: e.to_string(),
-                })
-        };
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-            .await
-            .map_err(|_| ForwardError::Connect {
-                addr: addr.to_owned(),
-                reason: format!("no connection within {CONNECT_TIMEOUT:?}"),
-            })??;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| ForwardError::Upstream {
-                target: peer.to_string(),
-                reason: e.to_string(),
-            })?;
-        let who = peer.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %who, error = %e, "mesh connection ended");
-            }
-        });
-        self.conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(peer.clone(), sender.clone());
-        Ok(sender)
+                .map_err(|_| ForwardError::Connect {
+                    addr: addr.clone(),
+                    reason: format!("no connection within {CONNECT_TIMEOUT:?}"),
+                })??;
+            Ok(TokioIo::new(MeshStream(tls)))
+        })
+    }
+}
+
+/// A TLS connection to a peer sidecar, as the pool holds it.
+struct MeshStream(TlsStream<TcpStream>);
+
+impl Connection for MeshStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for MeshStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

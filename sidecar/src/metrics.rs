@@ -52,6 +52,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     retry_budget_exhausted: IntCounterVec,
     fallbacks: IntCounterVec,
+    inbound_connections: IntCounterVec,
 }
 
 impl Metrics {
@@ -189,7 +190,19 @@ impl Metrics {
             &["from", "to", "outcome"],
         )
         .map_err(failed("ringfence_fallbacks_total"))?;
+        let inbound_connections = IntCounterVec::new(
+            Opts::new(
+                "ringfence_inbound_connections_total",
+                "mTLS connections other sidecars opened to this one, by protocol (http/1.1; h2 from sidecars of earlier releases). Callers keep connections alive: a rate that follows the request rate means they are not reused.",
+            ),
+            &["protocol"],
+        )
+        .map_err(failed("ringfence_inbound_connections_total"))?;
+        for protocol in ["http/1.1", "h2"] {
+            inbound_connections.with_label_values(&[protocol]);
+        }
         for (m, name) in [
+            (&inbound_connections, "ringfence_inbound_connections_total"),
             (&retries, "ringfence_retries_total"),
             (
                 &retry_budget_exhausted,
@@ -246,7 +259,16 @@ impl Metrics {
             retries,
             retry_budget_exhausted,
             fallbacks,
+            inbound_connections,
         })
+    }
+
+    /// Counts one mTLS connection accepted from another sidecar, by its protocol.
+    pub fn inbound_connection(&self, h2: bool) {
+        let protocol = if h2 { "h2" } else { "http/1.1" };
+        self.inbound_connections
+            .with_label_values(&[protocol])
+            .inc();
     }
 
     /// Counts one retry to `callee` (a name from the bundle) by its `outcome` (`answered`,
@@ -388,6 +410,8 @@ mod tests {
             "ringfence_svid_expiry_timestamp_seconds 1900000000",
             "ringfence_svid_renewals_total{outcome=\"success\"} 1",
             "ringfence_svid_renewals_total{outcome=\"failure\"} 0",
+            "ringfence_inbound_connections_total{protocol=\"http/1.1\"} 0",
+            "ringfence_inbound_connections_total{protocol=\"h2\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -17,8 +17,11 @@ use tokio::sync::watch;
 
 use crate::identity::{CredentialResolver, Credentials};
 
-/// ALPN of sidecar-to-sidecar connections: HTTP/2, one multiplexed connection per peer.
-pub const ALPN: &[u8] = b"h2";
+/// ALPN a sidecar offers when it calls a peer: HTTP/1.1 (see [`crate::forward::Mesh`]).
+pub const ALPN: &[u8] = b"http/1.1";
+/// ALPN the inbound listener accepts: HTTP/1.1, and HTTP/2 from sidecars of earlier releases
+/// (one multiplexed connection per peer), so either side of a call may be upgraded first.
+pub const ALPN_H2: &[u8] = b"h2";
 
 /// Why a TLS config cannot be built.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -76,7 +79,7 @@ impl MeshTls {
                 .with_client_cert_resolver(self.resolver.clone());
             cfg.alpn_protocols = vec![ALPN.to_vec()];
             // A resumed session keeps the identity of the handshake it resumes, which may be
-            // an SVID that has since rotated; full handshakes are cheap on long-lived h2.
+            // an SVID that has since rotated; full handshakes are rare on pooled connections.
             cfg.resumption = Resumption::disabled();
             let cfg = Arc::new(cfg);
             // Bounded by the number of agents in the bundle; cleared with the trust bundle.
@@ -120,7 +123,7 @@ impl MeshTls {
             .map_err(|e| MeshTlsError::Config(e.to_string()))?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(self.resolver.clone());
-        server.alpn_protocols = vec![ALPN.to_vec()];
+        server.alpn_protocols = vec![ALPN.to_vec(), ALPN_H2.to_vec()];
         Ok(Cache {
             bundle: creds.trust_bundle.clone(),
             server: Arc::new(server),

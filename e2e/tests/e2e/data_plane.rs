@@ -164,6 +164,71 @@ async fn the_callee_decides_too_whatever_the_caller_sidecar_says() {
 }
 
 #[tokio::test]
+async fn a_callee_serves_callers_over_http1_and_sidecars_of_earlier_releases_over_http2() {
+    // Sidecars call each other over HTTP/1.1; a caller still on HTTP/2 (ALPN h2) is served
+    // the same, so either side of an edge can be upgraded first.
+    let mesh = Mesh::start(&agents(), INCIDENT).await;
+    let creds = ringfence_e2e::tls_creds_for(&mesh, "orchestrator").await;
+    let ctx = ringfence_e2e::hop_context(&["orchestrator"]);
+    for (i, wire) in [ringfence_e2e::Wire::Http1, ringfence_e2e::Wire::Http2]
+        .into_iter()
+        .enumerate()
+    {
+        let reply = ringfence_e2e::mtls_post_over(
+            wire,
+            mesh.inbound("research"),
+            &mesh.ca_pem(),
+            &creds,
+            "/",
+            &[("ringfence-context", &ctx)],
+            &send_message(1, "look it up"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{wire:?}: {}", reply.body);
+        let got = mesh.app("research").requests();
+        assert_eq!(got.len(), i + 1, "{wire:?}");
+        assert!(got[i].context().is_some(), "{wire:?}: the app gets the run");
+    }
+    for protocol in ["http/1.1", "h2"] {
+        let line = format!("ringfence_inbound_connections_total{{protocol=\"{protocol}\"}}");
+        assert_eq!(mesh.metric("research", &line).await, 1, "{protocol}");
+    }
+}
+
+#[tokio::test]
+async fn sidecars_keep_their_mesh_connections_alive_across_calls() {
+    let mesh = Mesh::start(&agents(), INCIDENT).await;
+    let mut ctx = String::new();
+    for i in 0..20 {
+        let headers: Vec<(&str, &str)> = if ctx.is_empty() {
+            Vec::new()
+        } else {
+            vec![("ringfence-context", ctx.as_str())]
+        };
+        let reply = call(
+            mesh.outbound("orchestrator"),
+            Method::POST,
+            "/agents/research/",
+            &headers,
+            &send_message(i, "next"),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        if let Some(v) = reply.headers.get("ringfence-context") {
+            ctx = v.to_str().unwrap().to_owned();
+        }
+    }
+    assert_eq!(mesh.app("research").requests().len(), 20);
+    let line = "ringfence_inbound_connections_total{protocol=\"http/1.1\"}";
+    assert_eq!(
+        mesh.metric("research", line).await,
+        1,
+        "20 calls, one connection"
+    );
+}
+
+#[tokio::test]
 async fn a_sub_agent_that_drops_the_context_cannot_start_a_run() {
     let mesh = Mesh::start(&agents(), INCIDENT).await;
     let reply = call(

@@ -303,7 +303,7 @@ async fn send(
         "https://{}.{}.ringfence{path}",
         peer.name, peer.namespace
     ))
-    .version(http::Version::HTTP_2)
+    .version(http::Version::HTTP_11)
     .header(context::HEADER, hop_header)
     .header("traceparent", trace.to_string())
     .header(header::ACCEPT, "application/json")

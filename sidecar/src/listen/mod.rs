@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::Proxy;
+use crate::tls::ALPN_H2;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,7 +48,8 @@ pub async fn serve_outbound(listener: TcpListener, proxy: Arc<Proxy>) {
     }
 }
 
-/// Serves the inbound listener forever: mTLS with an agent of our trust domain, then HTTP/2.
+/// Serves the inbound listener forever: mTLS with an agent of our trust domain, then HTTP/1.1,
+/// or HTTP/2 when the caller's sidecar asked for it (ALPN `h2`, earlier releases).
 pub async fn serve_inbound(listener: TcpListener, proxy: Arc<Proxy>) {
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -85,16 +87,27 @@ pub async fn serve_inbound(listener: TcpListener, proxy: Arc<Proxy>) {
                 }
             };
             let peer = peer_spiffe_id(tls.get_ref().1);
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+            proxy.metrics.inbound_connection(h2);
             let svc = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
                 let peer = peer.clone();
                 async move { Ok::<_, Infallible>(inbound::handle(proxy, peer, req).await) }
             });
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(tls), svc);
-            if let Err(e) = conn.await {
+            let served = if h2 {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await
+            } else {
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await
+            };
+            if let Err(e) = served {
                 tracing::debug!(%remote, error = %e, "inbound connection ended");
             }
         });

@@ -115,7 +115,7 @@ impl ToAgent<'_> {
         let mut req = Request::builder()
             .method(self.method.clone())
             .uri(uri)
-            .version(http::Version::HTTP_2)
+            .version(http::Version::HTTP_11)
             .body(self.body.clone())
             .map_err(|e| failed(e.to_string()))?;
         *req.headers_mut() = headers;
