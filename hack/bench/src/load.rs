@@ -286,10 +286,23 @@ async fn open(target: &Arc<Target>, args: &Args, rate: u64, deadline: Duration) 
         .requests
         .min((rate as f64 * deadline.as_secs_f64()).ceil() as u64);
     let start = Instant::now();
+    // The schedule is kept by a thread of its own: tokio's timer ticks in whole milliseconds,
+    // which would start a request at 1k RPS up to ~1 ms late and charge that to the target.
+    // `thread::sleep` wakes within tens of microseconds.
+    let (tx, mut due) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for i in 0..total {
+            let scheduled = start + interval.mul_f64(i as f64);
+            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if tx.send(scheduled).is_err() {
+                return;
+            }
+        }
+    });
     let mut tasks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let scheduled = start + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(scheduled.into()).await;
+    while let Some(scheduled) = due.recv().await {
         let (target, tally, pool, limit) =
             (target.clone(), tally.clone(), pool.clone(), limit.clone());
         tasks.push(tokio::spawn(async move {
