@@ -255,6 +255,10 @@ pub struct Authorizer {
     /// The stores made for unlisted resources, by (action, principal, resource): a store is a
     /// function of those alone, so a tool called again is decided without building it again.
     stores: Mutex<StoreCache>,
+    /// Per action, the context attributes its residual policies read.
+    reads: [residual::ContextReads; 4],
+    /// Residual outcomes by (action, principal, resource, the context they read).
+    outcomes: Mutex<residual::Outcomes>,
     /// Every policy per action, for the Cedar-only reference decision.
     #[cfg(any(test, feature = "testing"))]
     reference: [PolicySet; 4],
@@ -411,6 +415,8 @@ impl Authorizer {
             listed: HashMap::new(),
             sliceable: index::sliceable(&slice.entities),
             stores: Mutex::default(),
+            reads: Default::default(),
+            outcomes: Mutex::default(),
             #[cfg(any(test, feature = "testing"))]
             reference: partition_by_action(&policies, &actions)?,
             entities,
@@ -450,6 +456,10 @@ impl Authorizer {
             &authorizer.entities,
             |p| authorizer.rule_of(p.id()),
         )?;
+        authorizer.reads = authorizer
+            .index
+            .each_ref()
+            .map(|slot| residual::ContextReads::of(&slot.residual));
         Ok(authorizer)
     }
 
@@ -494,32 +504,83 @@ impl Authorizer {
             return Self::combine(matched.forbids, matched.permits);
         }
 
+        // Residual policies: their outcome for this principal, resource and the part of the
+        // context they read, if an earlier call already had it.
+        let key = self.reads[req.action.index()]
+            .project(req.context)
+            .map(|p| {
+                (
+                    req.action,
+                    req.principal.into(),
+                    req.resource.to_string(),
+                    p,
+                )
+            });
+        let kept = key.as_ref().and_then(|k| {
+            self.outcomes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(k)
+        });
+        let outcome = match kept {
+            Some(outcome) => outcome,
+            None => {
+                let outcome = self.residual_outcome(req, listed, &slot.residual);
+                if let Some(k) = key {
+                    self.outcomes
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(k, outcome.clone());
+                }
+                outcome
+            }
+        };
+        match outcome {
+            residual::Outcome::Refused(d) => d,
+            residual::Outcome::Decided { allowed, reasons } => {
+                let (mut forbids, mut permits) = (matched.forbids, matched.permits);
+                if allowed {
+                    permits.extend(reasons);
+                } else {
+                    forbids.extend(reasons);
+                }
+                Self::combine(forbids, permits)
+            }
+        }
+    }
+
+    /// What Cedar makes of the residual policies of the request's action.
+    fn residual_outcome(
+        &self,
+        req: &CallRequest<'_>,
+        listed: bool,
+        policies: &PolicySet,
+    ) -> residual::Outcome {
+        let refused = residual::Outcome::Refused;
         let principal = self.agent_uid(req.principal);
         let (resource, created) = match self.resource_uid(req.resource, listed) {
             Ok((uid, false)) => (uid, None),
             Ok((uid, true)) => match self.store_for(req, &principal, &uid) {
                 Ok(store) => (uid, Some(store)),
-                Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
+                Err(e) => {
+                    return refused(Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]));
+                }
             },
-            Err(e) => return Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e]),
+            Err(e) => return refused(Decision::deny(Basis::InvalidRequest, Vec::new(), vec![e])),
         };
         let entities = created.as_deref().unwrap_or(&self.entities);
-        let response = match self.cedar_response(req, principal, resource, &slot.residual, entities)
-        {
+        let response = match self.cedar_response(req, principal, resource, policies, entities) {
             Ok(r) => r,
-            Err(d) => return d,
+            Err(d) => return refused(d),
         };
         let diagnostics = response.diagnostics();
         if let Some(d) = self.evaluation_errors(diagnostics) {
-            return d;
+            return refused(d);
         }
-        let (mut forbids, mut permits) = (matched.forbids, matched.permits);
-        let reasons = diagnostics.reason().map(|id| self.rule_of(id));
-        match response.decision() {
-            cedar_policy::Decision::Allow => permits.extend(reasons),
-            cedar_policy::Decision::Deny => forbids.extend(reasons),
+        residual::Outcome::Decided {
+            allowed: response.decision() == cedar_policy::Decision::Allow,
+            reasons: diagnostics.reason().map(|id| self.rule_of(id)).collect(),
         }
-        Self::combine(forbids, permits)
     }
 
     /// Cedar's rule: any forbid denies, else any permit allows, else the default deny.
@@ -795,6 +856,7 @@ impl Authorizer {
 #[cfg(any(test, feature = "testing"))]
 pub mod fixtures;
 mod index;
+mod residual;
 
 #[cfg(test)]
 mod fast_path_tests;
