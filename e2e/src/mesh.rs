@@ -225,6 +225,17 @@ impl Mesh {
         svid_ttl: Duration,
         budget: Option<String>,
     ) -> Self {
+        Self::start_tuned(agents, manifests, svid_ttl, budget, Tuning::default()).await
+    }
+
+    /// Like [`Mesh::start_full`], with the sidecars' `tuning`.
+    pub async fn start_tuned(
+        agents: &[(&str, &str)],
+        manifests: &str,
+        svid_ttl: Duration,
+        budget: Option<String>,
+        tuning: Tuning,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut docs = Vec::new();
         let mut map = BTreeMap::new();
@@ -291,7 +302,7 @@ impl Mesh {
                 decision_log: ringfence_sidecar::telemetry::decisions::Level::All,
                 decision_log_file: Some(decisions_file(&state, &agent.ports.name)),
                 exit_with_parent: false,
-                tuning: Tuning::default(),
+                tuning,
             };
             agent.sidecar = Some(ringfence_sidecar::run::start(&config).await.unwrap());
         }

@@ -119,6 +119,8 @@ pub struct Tuning {
     pub watch: WatchSettings,
     /// Bound on connecting to the control plane and getting an answer to a request.
     pub request_timeout: Duration,
+    /// Calls in flight to one peer over HTTP/1.1 before more go over HTTP/2.
+    pub mesh_http1_per_peer: usize,
 }
 
 impl Default for Tuning {
@@ -127,6 +129,7 @@ impl Default for Tuning {
             identity_backoff: Backoff::default(),
             watch: WatchSettings::default(),
             request_timeout: Duration::from_secs(15),
+            mesh_http1_per_peer: crate::forward::H1_PER_PEER,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Sending requests on: to another agent's sidecar over mTLS (HTTP/1.1, kept-alive connections
-//! pooled per peer), or in plain HTTP to this agent's app and to tool servers.
+//! Sending requests on: to another agent's sidecar over mTLS (HTTP/1.1 on kept-alive connections
+//! pooled per peer, HTTP/2 for what overflows them), or in plain HTTP to this agent's app and to
+//! tool servers.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,6 +15,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
+use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -60,43 +62,64 @@ pub enum ForwardError {
 
 /// How long to wait for a TCP connection and a TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle mesh connections kept per peer, and for how long.
-const MESH_IDLE_PER_PEER: usize = 64;
+/// Calls in flight to one peer over HTTP/1.1 at most (one connection each); more go over one
+/// multiplexed HTTP/2 connection. Idle HTTP/1.1 connections are kept as many, and this long.
+pub const H1_PER_PEER: usize = 32;
 const MESH_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where each peer's sidecar is, by the authority its requests are sent to
 /// (`<name>.<namespace>.ringfence`): the SPIFFE ID it must present and its inbound address.
 type Routes = Arc<Mutex<HashMap<String, (SpiffeId, String)>>>;
 
-/// Clients to other sidecars: HTTP/1.1 over mTLS, kept-alive connections pooled per peer.
+/// Clients to other sidecars over mTLS: HTTP/1.1 on kept-alive connections pooled per peer, up
+/// to [`H1_PER_PEER`] calls in flight to a peer; beyond that, HTTP/2 on one multiplexed
+/// connection per peer.
 ///
-/// HTTP/1.1 rather than HTTP/2: a request goes out as one write (head and body together) and
-/// the answer comes back on the connection that sent it, with no stream bookkeeping, HPACK or
-/// task per request; HTTP/2 sent the head and the body in separate TLS records and cost the
-/// pair ~15 % more CPU per call (docs/benchmarks.md). A peer is pooled by its identity: the
-/// authority names the agent, and a connection is only ever made to a server that proved it is
-/// that agent.
+/// HTTP/1.1 first: a request goes out as one write (head and body together) and the answer
+/// comes back on the connection that sent it, with no stream bookkeeping, HPACK or task per
+/// request; HTTP/2 sent the head and the body in separate TLS records and cost ~15 % more CPU
+/// per call (docs/benchmarks.md). But HTTP/1.1 needs a connection, and so a full TLS handshake,
+/// per concurrent call: under a burst, new connections cost more than the calls they carry and
+/// a caller can fall behind for good. Past the limit, calls share one HTTP/2 connection, as
+/// they all did before. A peer is pooled by its identity: the authority names the agent, and
+/// a connection is only ever made to a server that proved it is that agent.
 pub struct Mesh {
+    tls: Arc<MeshTls>,
     routes: Routes,
     client: Client<MeshConnector, Body>,
+    /// Calls in flight over HTTP/1.1, per peer, until their answer's head arrived.
+    busy: Mutex<HashMap<SpiffeId, usize>>,
+    h1_limit: usize,
+    multiplexed: Mutex<HashMap<SpiffeId, http2::SendRequest<Body>>>,
+    /// Held while a peer's HTTP/2 connection is being made.
+    connecting: Mutex<HashMap<SpiffeId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Mesh {
-    pub fn new(tls: Arc<MeshTls>) -> Self {
+    /// A mesh that sends at most `h1_limit` concurrent calls to a peer over HTTP/1.1.
+    pub fn new(tls: Arc<MeshTls>, h1_limit: usize) -> Self {
         let routes = Routes::default();
         let connector = MeshConnector {
-            tls,
+            tls: tls.clone(),
             routes: routes.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(MESH_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(MESH_IDLE_PER_PEER)
+            .pool_max_idle_per_host(h1_limit)
             // A request that met a pooled connection the peer had closed, before a byte of it
             // was written, goes once more on a new one.
             .retry_canceled_requests(true)
             .build(connector);
-        Self { routes, client }
+        Self {
+            tls,
+            routes,
+            client,
+            busy: Mutex::default(),
+            h1_limit,
+            multiplexed: Mutex::default(),
+            connecting: Mutex::default(),
+        }
     }
 
     /// Sends `req` (an `https://<name>.<namespace>.ringfence/…` URI) to the sidecar of `peer`
@@ -109,26 +132,153 @@ impl Mesh {
         timeout: Duration,
     ) -> Result<Response<Incoming>, ForwardError> {
         let target = peer.to_string();
+        let sent = async {
+            match self.h1_slot(peer) {
+                Some(_slot) => self.send_h1(peer, addr, req, &target).await,
+                None => self.send_h2(peer, addr, req, &target).await,
+            }
+        };
+        tokio::time::timeout(timeout, sent)
+            .await
+            .unwrap_or(Err(ForwardError::Timeout {
+                target,
+                after: timeout,
+            }))
+    }
+
+    /// A place for one more HTTP/1.1 call to `peer`, if it has one; given back when dropped.
+    fn h1_slot<'m>(&'m self, peer: &'m SpiffeId) -> Option<H1Slot<'m>> {
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = match busy.get_mut(peer) {
+            Some(n) => n,
+            // Bounded by the agents of the bundle.
+            None => busy.entry(peer.clone()).or_default(),
+        };
+        if *n >= self.h1_limit {
+            return None;
+        }
+        *n += 1;
+        Some(H1Slot { mesh: self, peer })
+    }
+
+    async fn send_h1(
+        &self,
+        peer: &SpiffeId,
+        addr: &str,
+        req: Request<Bytes>,
+        target: &str,
+    ) -> Result<Response<Incoming>, ForwardError> {
         let authority = req
             .uri()
             .authority()
             .map(|a| a.as_str().to_owned())
             .ok_or_else(|| ForwardError::Upstream {
-                target: target.clone(),
+                target: target.to_owned(),
                 reason: "the request names no peer".into(),
             })?;
         self.route(authority, peer, addr);
         let (mut parts, bytes) = req.into_parts();
         parts.version = http::Version::HTTP_11;
-        let sent = self.client.request(Request::from_parts(parts, full(bytes)));
-        let result =
-            tokio::time::timeout(timeout, sent)
+        self.client
+            .request(Request::from_parts(parts, full(bytes)))
+            .await
+            .map_err(|e| mesh_error(&e, target, addr))
+    }
+
+    /// Over the peer's HTTP/2 connection. The request body is in memory, so a request on a
+    /// connection found closed is sent once more on a new one.
+    async fn send_h2(
+        &self,
+        peer: &SpiffeId,
+        addr: &str,
+        req: Request<Bytes>,
+        target: &str,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        for attempt in 0..2 {
+            let mut sender = self.h2_connection(peer, addr, attempt > 0).await?;
+            let (mut parts, bytes) = req.clone().into_parts();
+            parts.version = http::Version::HTTP_2;
+            match sender
+                .send_request(Request::from_parts(parts, full(bytes)))
                 .await
-                .map_err(|_| ForwardError::Timeout {
-                    target: target.clone(),
-                    after: timeout,
-                })?;
-        result.map_err(|e| mesh_error(&e, &target, addr))
+            {
+                Ok(resp) => return Ok(resp),
+                // Nothing reached the peer: the connection had gone away.
+                Err(e) if attempt == 0 && (e.is_closed() || e.is_canceled()) => {
+                    self.forget_h2(peer);
+                }
+                Err(e) => {
+                    self.forget_h2(peer);
+                    return Err(ForwardError::Upstream {
+                        target: target.to_owned(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        Err(ForwardError::Upstream {
+            target: target.to_owned(),
+            reason: "the connection closed twice".into(),
+        })
+    }
+
+    fn forget_h2(&self, peer: &SpiffeId) {
+        self.multiplexed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(peer);
+    }
+
+    async fn h2_connection(
+        &self,
+        peer: &SpiffeId,
+        addr: &str,
+        fresh: bool,
+    ) -> Result<http2::SendRequest<Body>, ForwardError> {
+        let live = || {
+            self.multiplexed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(peer)
+                .filter(|s| !s.is_closed())
+                .cloned()
+        };
+        if !fresh && let Some(s) = live() {
+            return Ok(s);
+        }
+        // One connection per peer: calls that overflow together wait for the first to make it.
+        let gate = self
+            .connecting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(peer.clone())
+            .or_default()
+            .clone();
+        let _connecting = gate.lock().await;
+        if let Some(s) = live() {
+            return Ok(s);
+        }
+        let tls = connect_tls(&self.tls, peer, addr, true).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ForwardError::Upstream {
+                target: peer.to_string(),
+                reason: e.to_string(),
+            })?;
+        let who = peer.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %who, error = %e, "mesh connection ended");
+            }
+        });
+        self.multiplexed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(peer.clone(), sender.clone());
+        Ok(sender)
     }
 
     /// Records where `authority`'s peer is; new connections go there.
@@ -202,39 +352,67 @@ impl tower_service::Service<Uri> for MeshConnector {
                     reason: "no route to this peer's sidecar".into(),
                 });
             };
-            let config = tls.client_config(&peer)?;
-            let connect = async {
-                let tcp = TcpStream::connect(&addr)
-                    .await
-                    .map_err(|e| ForwardError::Connect {
-                        addr: addr.clone(),
-                        reason: e.to_string(),
-                    })?;
-                let _ = tcp.set_nodelay(true);
-                // The verifier checks the SPIFFE ID; the name only has to be well-formed.
-                let name =
-                    ServerName::try_from(format!("{}.{}.ringfence", peer.name(), peer.namespace()))
-                        .map_err(|e| ForwardError::Tls {
-                            peer: peer.to_string(),
-                            reason: e.to_string(),
-                        })?;
-                TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| ForwardError::Tls {
-                        peer: peer.to_string(),
-                        reason: e.to_string(),
-                    })
-            };
-            let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-                .await
-                .map_err(|_| ForwardError::Connect {
-                    addr: addr.clone(),
-                    reason: format!("no connection within {CONNECT_TIMEOUT:?}"),
-                })??;
+            let tls = connect_tls(&tls, &peer, &addr, false).await?;
             Ok(TokioIo::new(MeshStream(tls)))
         })
     }
+}
+
+/// One HTTP/1.1 call in flight to a peer, counted until dropped.
+struct H1Slot<'m> {
+    mesh: &'m Mesh,
+    peer: &'m SpiffeId,
+}
+
+impl Drop for H1Slot<'_> {
+    fn drop(&mut self) {
+        let mut busy = self
+            .mesh
+            .busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = busy.get_mut(self.peer) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// An mTLS connection to `peer`'s sidecar at `addr`, asking for HTTP/2 (`h2`) or HTTP/1.1.
+async fn connect_tls(
+    tls: &MeshTls,
+    peer: &SpiffeId,
+    addr: &str,
+    h2: bool,
+) -> Result<TlsStream<TcpStream>, ForwardError> {
+    let config = tls.client_config(peer, h2)?;
+    let connect = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| ForwardError::Connect {
+                addr: addr.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        // The verifier checks the SPIFFE ID; the name only has to be well-formed.
+        let name = ServerName::try_from(format!("{}.{}.ringfence", peer.name(), peer.namespace()))
+            .map_err(|e| ForwardError::Tls {
+                peer: peer.to_string(),
+                reason: e.to_string(),
+            })?;
+        TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ForwardError::Tls {
+                peer: peer.to_string(),
+                reason: e.to_string(),
+            })
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| ForwardError::Connect {
+            addr: addr.to_owned(),
+            reason: format!("no connection within {CONNECT_TIMEOUT:?}"),
+        })?
 }
 
 /// A TLS connection to a peer sidecar, as the pool holds it.

@@ -193,7 +193,7 @@ impl Metrics {
         let inbound_connections = IntCounterVec::new(
             Opts::new(
                 "ringfence_inbound_connections_total",
-                "mTLS connections other sidecars opened to this one, by protocol (http/1.1; h2 from sidecars of earlier releases). Callers keep connections alive: a rate that follows the request rate means they are not reused.",
+                "mTLS connections other sidecars opened to this one, by protocol (http/1.1, up to 32 per caller; h2 for what overflows them, and from sidecars of earlier releases). Callers keep connections alive: a rate that follows the request rate means they are not reused.",
             ),
             &["protocol"],
         )

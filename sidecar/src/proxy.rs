@@ -78,6 +78,8 @@ pub struct Wiring {
     pub spend: Arc<Spend>,
     pub pricing: Arc<Pricing>,
     pub telemetry: crate::telemetry::Telemetry,
+    /// Calls in flight to one peer over HTTP/1.1 before more go over HTTP/2.
+    pub mesh_http1_per_peer: usize,
 }
 
 impl Proxy {
@@ -92,6 +94,7 @@ impl Proxy {
             spend,
             pricing,
             telemetry,
+            mesh_http1_per_peer,
         } = w;
         let tls = Arc::new(MeshTls::new(credentials.clone()));
         let host = if outbound.ip().is_unspecified() {
@@ -104,7 +107,7 @@ impl Proxy {
             limiter: RateLimiter::new(std::time::Instant::now()),
             retries: RetryBudgets::new(std::time::Instant::now()),
             taint: TaintTable::default(),
-            mesh: Mesh::new(tls.clone()),
+            mesh: Mesh::new(tls.clone(), mesh_http1_per_peer),
             plain: Plain::default(),
             outbound_base: format!("http://{host}"),
             agent,

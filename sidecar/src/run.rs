@@ -210,6 +210,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         spend: spend.clone(),
         pricing: Arc::new(pricing),
         telemetry,
+        mesh_http1_per_peer: config.tuning.mesh_http1_per_peer,
     })?);
     let state = AdminState {
         agent: config.agent.clone(),

@@ -17,10 +17,9 @@ use tokio::sync::watch;
 
 use crate::identity::{CredentialResolver, Credentials};
 
-/// ALPN a sidecar offers when it calls a peer: HTTP/1.1 (see [`crate::forward::Mesh`]).
+/// ALPN of a sidecar's calls to a peer: HTTP/1.1, or HTTP/2 for what overflows its
+/// HTTP/1.1 connections (see [`crate::forward::Mesh`]). The inbound listener accepts both.
 pub const ALPN: &[u8] = b"http/1.1";
-/// ALPN the inbound listener accepts: HTTP/1.1, and HTTP/2 from sidecars of earlier releases
-/// (one multiplexed connection per peer), so either side of a call may be upgraded first.
 pub const ALPN_H2: &[u8] = b"h2";
 
 /// Why a TLS config cannot be built.
@@ -37,7 +36,7 @@ pub enum MeshTlsError {
 struct Cache {
     bundle: Vec<CertificateDer<'static>>,
     server: Arc<ServerConfig>,
-    clients: HashMap<SpiffeId, Arc<ClientConfig>>,
+    clients: HashMap<(SpiffeId, bool), Arc<ClientConfig>>,
 }
 
 /// Builds and caches the sidecar's TLS configs.
@@ -61,10 +60,16 @@ impl MeshTls {
         self.with_cache(|c| Ok(c.server.clone()))
     }
 
-    /// A client config that accepts only `peer` as the server.
-    pub fn client_config(&self, peer: &SpiffeId) -> Result<Arc<ClientConfig>, MeshTlsError> {
+    /// A client config that accepts only `peer` as the server and asks for HTTP/1.1 (`h2`
+    /// false) or HTTP/2.
+    pub fn client_config(
+        &self,
+        peer: &SpiffeId,
+        h2: bool,
+    ) -> Result<Arc<ClientConfig>, MeshTlsError> {
         self.with_cache(|c| {
-            if let Some(cfg) = c.clients.get(peer) {
+            let key = (peer.clone(), h2);
+            if let Some(cfg) = c.clients.get(&key) {
                 return Ok(cfg.clone());
             }
             let roots = roots(&c.bundle)?;
@@ -77,13 +82,13 @@ impl MeshTls {
                     peer.clone(),
                 )))
                 .with_client_cert_resolver(self.resolver.clone());
-            cfg.alpn_protocols = vec![ALPN.to_vec()];
+            cfg.alpn_protocols = vec![if h2 { ALPN_H2 } else { ALPN }.to_vec()];
             // A resumed session keeps the identity of the handshake it resumes, which may be
             // an SVID that has since rotated; full handshakes are rare on pooled connections.
             cfg.resumption = Resumption::disabled();
             let cfg = Arc::new(cfg);
-            // Bounded by the number of agents in the bundle; cleared with the trust bundle.
-            c.clients.insert(peer.clone(), cfg.clone());
+            // Bounded by twice the agents in the bundle; cleared with the trust bundle.
+            c.clients.insert(key, cfg.clone());
             Ok(cfg)
         })
     }

@@ -81,6 +81,7 @@ impl Sidecar {
                     max_line: 1 << 20,
                 },
                 request_timeout: Duration::from_secs(5),
+                ..Tuning::default()
             },
         };
         let running = start(&config).await.unwrap();

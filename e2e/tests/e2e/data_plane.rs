@@ -229,6 +229,45 @@ async fn sidecars_keep_their_mesh_connections_alive_across_calls() {
 }
 
 #[tokio::test]
+async fn calls_past_the_http1_limit_share_one_http2_connection_and_all_are_answered() {
+    // At most 2 concurrent calls to a peer over HTTP/1.1 (32 in production): 6 slow calls at
+    // once take 2 HTTP/1.1 connections and one HTTP/2 connection, and none is refused.
+    let tuning = ringfence_sidecar::config::Tuning {
+        mesh_http1_per_peer: 2,
+        ..Default::default()
+    };
+    let mesh =
+        Mesh::start_tuned(&agents(), INCIDENT, Duration::from_secs(3600), None, tuning).await;
+    mesh.app("research").on(|_| async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        json_response(StatusCode::OK, r#"{"jsonrpc":"2.0","id":1,"result":{}}"#)
+    });
+    let outbound = mesh.outbound("orchestrator");
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        calls.spawn(async move {
+            call(
+                outbound,
+                Method::POST,
+                "/agents/research/",
+                &[],
+                &send_message(i, "at once"),
+            )
+            .await
+        });
+    }
+    while let Some(reply) = calls.join_next().await {
+        let reply = reply.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    assert_eq!(mesh.app("research").requests().len(), 6);
+    let h1 = "ringfence_inbound_connections_total{protocol=\"http/1.1\"}";
+    let h2 = "ringfence_inbound_connections_total{protocol=\"h2\"}";
+    assert_eq!(mesh.metric("research", h1).await, 2);
+    assert_eq!(mesh.metric("research", h2).await, 1);
+}
+
+#[tokio::test]
 async fn a_sub_agent_that_drops_the_context_cannot_start_a_run() {
     let mesh = Mesh::start(&agents(), INCIDENT).await;
     let reply = call(

@@ -49,7 +49,8 @@ pub async fn serve_outbound(listener: TcpListener, proxy: Arc<Proxy>) {
 }
 
 /// Serves the inbound listener forever: mTLS with an agent of our trust domain, then HTTP/1.1,
-/// or HTTP/2 when the caller's sidecar asked for it (ALPN `h2`, earlier releases).
+/// or HTTP/2 when the caller's sidecar asked for it (ALPN `h2`: its calls past its HTTP/1.1
+/// connections, or a sidecar of an earlier release).
 pub async fn serve_inbound(listener: TcpListener, proxy: Arc<Proxy>) {
     loop {
         let (tcp, remote) = match listener.accept().await {
