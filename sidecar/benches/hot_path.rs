@@ -184,6 +184,21 @@ fn bench_authz(c: &mut Criterion) {
             percentiles(&format!("{label} | {} | index", case.name), 100_000, || {
                 black_box(authz.decide(black_box(&req)));
             });
+            // Residual outcomes are kept by the context attributes the policies read: above, the
+            // same request hits. Here every decision has a depth not seen before (more than the
+            // kept outcomes' bound), so a guard that reads the depth goes to Cedar each time (a
+            // guard that reads only `tainted`, as call_tool's does, still hits).
+            let mut cold = ctx.clone();
+            let mut depth = 0u32;
+            percentiles(
+                &format!("{label} | {} | index, new depth", case.name),
+                20_000,
+                || {
+                    depth = depth.wrapping_add(1);
+                    cold.depth = depth;
+                    black_box(authz.decide(black_box(&case.request(&cold))));
+                },
+            );
             // The reference is slow on unlisted resources: fewer samples keep the run short.
             percentiles(
                 &format!("{label} | {} | cedar only", case.name),
