@@ -165,8 +165,8 @@ async fn the_callee_decides_too_whatever_the_caller_sidecar_says() {
 
 #[tokio::test]
 async fn a_callee_serves_callers_over_http1_and_sidecars_of_earlier_releases_over_http2() {
-    // Sidecars call each other over HTTP/1.1; a caller still on HTTP/2 (ALPN h2) is served
-    // the same, so either side of an edge can be upgraded first.
+    // Sidecars call each other over HTTP/1.1; a caller still on HTTP/2 (ALPN h2, an earlier
+    // release) is served the same, so a callee upgraded before its callers keeps serving them.
     let mesh = Mesh::start(&agents(), INCIDENT).await;
     let creds = ringfence_e2e::tls_creds_for(&mesh, "orchestrator").await;
     let ctx = ringfence_e2e::hop_context(&["orchestrator"]);
