@@ -419,8 +419,14 @@ async fn connect_tls(
 struct MeshStream(TlsStream<TcpStream>);
 
 impl Connection for MeshStream {
+    /// HTTP/2 when the peer chose it (a sidecar of an earlier release accepts nothing else).
     fn connected(&self) -> Connected {
-        Connected::new()
+        let connected = Connected::new();
+        if self.0.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
     }
 }
 

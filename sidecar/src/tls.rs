@@ -82,7 +82,13 @@ impl MeshTls {
                     peer.clone(),
                 )))
                 .with_client_cert_resolver(self.resolver.clone());
-            cfg.alpn_protocols = vec![if h2 { ALPN_H2 } else { ALPN }.to_vec()];
+            // HTTP/1.1 first; `h2` too, which a sidecar of an earlier release (HTTP/2 only)
+            // picks: the pool then speaks HTTP/2 on that connection.
+            cfg.alpn_protocols = if h2 {
+                vec![ALPN_H2.to_vec()]
+            } else {
+                vec![ALPN.to_vec(), ALPN_H2.to_vec()]
+            };
             // A resumed session keeps the identity of the handshake it resumes, which may be
             // an SVID that has since rotated; full handshakes are rare on pooled connections.
             cfg.resumption = Resumption::disabled();

@@ -166,7 +166,7 @@ async fn the_callee_decides_too_whatever_the_caller_sidecar_says() {
 #[tokio::test]
 async fn a_callee_serves_callers_over_http1_and_sidecars_of_earlier_releases_over_http2() {
     // Sidecars call each other over HTTP/1.1; a caller still on HTTP/2 (ALPN h2, an earlier
-    // release) is served the same, so a callee upgraded before its callers keeps serving them.
+    // release) is served the same.
     let mesh = Mesh::start(&agents(), INCIDENT).await;
     let creds = ringfence_e2e::tls_creds_for(&mesh, "orchestrator").await;
     let ctx = ringfence_e2e::hop_context(&["orchestrator"]);
@@ -194,6 +194,69 @@ async fn a_callee_serves_callers_over_http1_and_sidecars_of_earlier_releases_ove
         let line = format!("ringfence_inbound_connections_total{{protocol=\"{protocol}\"}}");
         assert_eq!(mesh.metric("research", &line).await, 1, "{protocol}");
     }
+}
+
+#[tokio::test]
+async fn a_callee_sidecar_of_an_earlier_release_that_speaks_only_http2_is_still_called() {
+    // Research's sidecar replaced by one that, like releases before HTTP/1.1 between sidecars,
+    // offers only ALPN h2: the orchestrator's sidecar calls it over HTTP/2.
+    let mut mesh = Mesh::start(&agents(), INCIDENT).await;
+    let creds = ringfence_e2e::tls_creds_for(&mesh, "research").await;
+    let inbound = mesh.inbound("research");
+    let research = mesh.agents.get_mut("research").unwrap();
+    research.sidecar.take().unwrap().shutdown().await;
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(ringfence_crds::svid::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                ringfence_crds::svid::certs_from_pem(&creds.chain).unwrap(),
+                ringfence_crds::svid::key_from_pem(&creds.key).unwrap(),
+            )
+            .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(inbound).await.unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let count = count.clone();
+            let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let version = req.version();
+                async move {
+                    assert_eq!(version, http::Version::HTTP_2);
+                    Ok::<_, std::convert::Infallible>(json_response(
+                        StatusCode::OK,
+                        r#"{"jsonrpc":"2.0","id":1,"result":{"old":true}}"#,
+                    ))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc),
+            );
+        }
+    });
+    for i in 0..3 {
+        let reply = call(
+            mesh.outbound("orchestrator"),
+            Method::POST,
+            "/agents/research/",
+            &[],
+            &send_message(i, "old callee"),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.json()["result"]["old"], true);
+    }
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
