@@ -171,12 +171,11 @@ impl Mesh {
         let authority = req
             .uri()
             .authority()
-            .map(|a| a.as_str().to_owned())
             .ok_or_else(|| ForwardError::Upstream {
                 target: target.to_owned(),
                 reason: "the request names no peer".into(),
             })?;
-        self.route(authority, peer, addr);
+        self.route(authority.as_str(), peer, addr);
         let (mut parts, bytes) = req.into_parts();
         parts.version = http::Version::HTTP_11;
         self.client
@@ -282,15 +281,16 @@ impl Mesh {
     }
 
     /// Records where `authority`'s peer is; new connections go there.
-    fn route(&self, authority: String, peer: &SpiffeId, addr: &str) {
+    fn route(&self, authority: &str, peer: &SpiffeId, addr: &str) {
         let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        match routes.get(&authority) {
-            Some((id, at)) if id == peer && at == addr => {}
-            _ => {
-                // Bounded by the agents of the bundle.
-                routes.insert(authority, (peer.clone(), addr.to_owned()));
-            }
+        if routes
+            .get(authority)
+            .is_some_and(|(id, at)| id == peer && at == addr)
+        {
+            return;
         }
+        // Bounded by the agents of the bundle.
+        routes.insert(authority.to_owned(), (peer.clone(), addr.to_owned()));
     }
 }
 
@@ -554,5 +554,55 @@ impl Plain {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh(limit: usize) -> Mesh {
+        let (_, credentials) = tokio::sync::watch::channel(None);
+        Mesh::new(Arc::new(MeshTls::new(credentials)), limit)
+    }
+
+    #[tokio::test]
+    async fn http1_slots_are_counted_per_peer_and_given_back_when_a_call_ends() {
+        let m = mesh(2);
+        let research = SpiffeId::parse("spiffe://cluster.local/ns/default/agent/research").unwrap();
+        let critic = SpiffeId::parse("spiffe://cluster.local/ns/default/agent/critic").unwrap();
+        let first = m.h1_slot(&research);
+        let second = m.h1_slot(&research);
+        assert!(first.is_some() && second.is_some());
+        assert!(m.h1_slot(&research).is_none(), "the third call overflows");
+        assert!(
+            m.h1_slot(&critic).is_some(),
+            "another peer has its own slots"
+        );
+        drop(first);
+        // A call that ends, or is dropped mid-way (a timeout), gives its slot back.
+        let again = m.h1_slot(&research);
+        assert!(again.is_some());
+        drop((second, again));
+        assert_eq!(m.busy.lock().unwrap()[&research], 0);
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_no_credentials_yet_is_a_tls_error_not_a_hang() {
+        // Before the sidecar has its SVID, a mesh call fails at once and says why.
+        let m = mesh(2);
+        let research = SpiffeId::parse("spiffe://cluster.local/ns/default/agent/research").unwrap();
+        let req = Request::post("https://research.default.ringfence/")
+            .body(Bytes::from_static(b"{}"))
+            .unwrap();
+        let err = m
+            .send(&research, "127.0.0.1:9", req, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ForwardError::MeshTls(MeshTlsError::NoSvid)),
+            "{err:?}"
+        );
+        assert_eq!(m.busy.lock().unwrap()[&research], 0, "the slot is back");
     }
 }

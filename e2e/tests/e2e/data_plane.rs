@@ -260,6 +260,29 @@ async fn a_callee_sidecar_of_an_earlier_release_that_speaks_only_http2_is_still_
 }
 
 #[tokio::test]
+async fn a_callee_whose_sidecar_is_down_is_a_502_that_says_the_connection_failed() {
+    let mut mesh = Mesh::start(&agents(), INCIDENT).await;
+    let research = mesh.agents.get_mut("research").unwrap();
+    research.sidecar.take().unwrap().shutdown().await;
+    let reply = call(
+        mesh.outbound("orchestrator"),
+        Method::POST,
+        "/agents/research/",
+        &[],
+        &send_message(1, "anyone there?"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.body);
+    let body = reply.json();
+    assert_eq!(body["error"]["data"]["reason"], "upstream");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("cannot reach research: cannot connect to"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn sidecars_keep_their_mesh_connections_alive_across_calls() {
     let mesh = Mesh::start(&agents(), INCIDENT).await;
     let mut ctx = String::new();
